@@ -1,0 +1,127 @@
+"""LowRankConv2d: a Conv2d whose kernel, reshaped to W (out × in·kh·kw), is U S Vᵀ.
+
+Forward: z = conv2d(x, V as r filters of shape in × kh × kw; stride, padding, dilation), then a 1×1
+convolution with K = U S (out × r) plus bias. The DLRT gradients follow :mod:`.autograd` with the
+positions (n, h, w) as rows: G_K = Σ g_y zᵀ, G_S = Σ g_t zᵀ, and G_L is the weight gradient of the
+first convolution for output gradient g_t = Uᵀ g_y.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.nn.modules.utils import _pair
+
+from .autograd import core_backward
+from .factors import FactorizedMixin, truncated_svd_factors
+
+__all__ = ["LowRankConv2d"]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N·H·W, C): positions as rows."""
+    return rearrange(t, "n c h w -> (n h w) c")
+
+
+def _unrows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N·H·W, C) -> (N, C, H, W) with N, H, W of ``like``."""
+    n, _, h, w = like.shape
+    return rearrange(t, "(n h w) c -> n c h w", n=n, h=h, w=w)
+
+
+class _LowRankConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, U, S, V, bias, kernel_size, stride, padding, dilation):
+        r = V.shape[1]
+        filters = V.mT.reshape(r, x.shape[1], *kernel_size)
+        z = F.conv2d(x, filters, None, stride, padding, dilation)
+        y = F.conv2d(z, (U @ S)[:, :, None, None], bias)
+        ctx.save_for_backward(x, z, U, S, V)
+        ctx.conf = (kernel_size, stride, padding, dilation, bias is not None)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, z, U, S, V = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, has_bias = ctx.conf
+        r = V.shape[1]
+        gt, G_K, G_S, gz = core_backward(_rows(gy), _rows(z), U, S)
+        gt, gz = _unrows(gt, gy), _unrows(gz, gy)
+        fshape = (r, x.shape[1], *kernel_size)
+        G_L = conv2d_weight(x, fshape, gt, stride, padding, dilation).reshape(r, -1).mT
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = conv2d_input(x.shape, V.mT.reshape(fshape), gz, stride, padding, dilation)
+        gb = gy.sum((0, 2, 3)) if has_bias else None
+        return gx, G_K, G_S, G_L, gb, None, None, None, None
+
+
+class LowRankConv2d(FactorizedMixin, nn.Module):
+    """Drop-in for ``nn.Conv2d`` (groups = 1, zero padding) with a rank-r factorized kernel.
+
+    Shapes: input (N, in, H, W) -> (N, out, H', W'); U (out, r), S (r, r), V (in·kh·kw, r).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
+                 dilation=1, bias: bool = True, max_rank: int | None = None, groups: int = 1,
+                 padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"groups must be 1 for LowRankConv2d (grouped/depthwise kernels are not factorized), got {groups}")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros', got {padding_mode!r}")
+        if isinstance(padding, str):
+            raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._init_factors(self.out_channels, fan_in, rank, max_rank, device, dtype)
+        if bias:
+            bound = 1.0 / math.sqrt(fan_in)
+            self.bias = nn.Parameter(torch.empty(self.out_channels, device=device, dtype=dtype).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self.kernel_size,
+                                            self.stride, self.padding, self.dilation)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, rank: int | None = None, tau: float | None = None,
+                   max_rank: int | None = None) -> "LowRankConv2d":
+        """Truncated SVD of ``layer.weight`` reshaped to out × (in·kh·kw) (see LowRankLinear.from_dense)."""
+        if layer.groups != 1:
+            raise ValueError(f"groups must be 1 to factorize a Conv2d, got {layer.groups}")
+        w = layer.weight
+        U, S, V = truncated_svd_factors(w.reshape(w.shape[0], -1), rank, tau)
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, S.shape[0], layer.stride,
+                  layer.padding, layer.dilation, layer.bias is not None, max_rank,
+                  padding_mode=layer.padding_mode, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new._set_factors(U, S, V)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function."""
+        w = self.U
+        layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(self.dense_weight().reshape(layer.weight.shape))
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, max_rank={self.max_rank}, "
+                f"bias={self.bias is not None}")

@@ -1,0 +1,63 @@
+"""LowRankLinear: y = x Wᵀ + b with W = U S Vᵀ, computed as ((x V) Sᵀ) Uᵀ + b (W never formed)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .autograd import LowRankLinearFunction
+from .factors import FactorizedMixin, truncated_svd_factors
+
+__all__ = ["LowRankLinear"]
+
+
+class LowRankLinear(FactorizedMixin, nn.Module):
+    """Drop-in for ``nn.Linear(in_features, out_features)`` with a rank-r factorized weight.
+
+    Shapes: input (*, in_features) -> output (*, out_features); U (out, r), S (r, r), V (in, r).
+    Cost per sample: r (in + out + r) multiply-adds instead of in · out.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, max_rank: int | None = None,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_factors(self.out_features, self.in_features, rank, max_rank, device, dtype)
+        if bias:
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return LowRankLinearFunction.apply(x, self.U, self.S, self.V, self.bias)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, rank: int | None = None, tau: float | None = None,
+                   max_rank: int | None = None) -> "LowRankLinear":
+        """Truncated SVD of ``layer.weight``: rank ``rank``, or the smallest rank within relative
+        Frobenius tolerance ``tau`` (both given: the smaller)."""
+        U, S, V = truncated_svd_factors(layer.weight, rank, tau)
+        w = layer.weight
+        new = cls(layer.in_features, layer.out_features, S.shape[0], max_rank=max_rank,
+                  bias=layer.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new._set_factors(U, S, V)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function."""
+        w = self.U
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"max_rank={self.max_rank}, bias={self.bias is not None}")

@@ -1,0 +1,104 @@
+"""Small dense linear algebra used by the DLRT step (reference path; the fused kernels mirror it).
+
+* :func:`orth_complement` -- orthonormal basis of the part of ``X`` outside ``span(U)`` by a masked,
+  shifted CholeskyQR2 (Gram-based, so the work is GEMMs), with numerically dependent columns zeroed.
+* :func:`robust_svd` -- ``torch.linalg.svd`` with a fallback for LAPACK's ``gesdd`` failures
+  ("too many repeated singular values") that rank-deficient DLRT cores provoke.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["orth_complement", "reorthonormalize", "robust_svd", "dependent_tol"]
+
+
+def dependent_tol(dtype: torch.dtype) -> float:
+    """Relative squared distance below which a column counts as dependent: 1e-5 (fp32), 1e-12 (fp64)."""
+    return 1e-5 if torch.finfo(dtype).bits <= 32 else 1e-12
+
+
+def _masked_cholqr(X: torch.Tensor, keep: torch.Tensor | None = None):
+    """One CholeskyQR pass ``Q = X' R'^{-1}`` on ``X' = X diag(keep)``.
+
+    X: (..., m, k). The Gram matrix is factorized in float64 with a shift ``s = 1e-3·tol·max diag(G)``;
+    on the first pass (``keep`` is None) it is also formed in float64, so that its rounding stays far
+    below the shift and the factorization never fails; columns whose squared
+    distance to the span of the previous columns is below ``tol·max diag(G)`` are dropped (their
+    column of Q is exactly zero). Returns Q (..., m, k) and the keep mask (..., k).
+    """
+    tol = dependent_tol(X.dtype)
+    Xg = X.double() if keep is None else X
+    G = (Xg.mT @ Xg).double()
+    k = G.shape[-1]
+    eye = torch.eye(k, dtype=G.dtype, device=G.device)
+    scale = G.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    if keep is None:
+        R = torch.linalg.cholesky(G + (1e-3 * tol) * scale[..., None] * eye, upper=True)
+        keep = R.diagonal(dim1=-2, dim2=-1).square() > tol * scale
+    m = keep.to(G.dtype)
+    # Zero the dropped rows/columns of G and put 1 on their diagonal: R' is block-diagonal there.
+    Gm = G * (m[..., :, None] * m[..., None, :]) + torch.diag_embed(1.0 - m)
+    R = torch.linalg.cholesky(Gm + (1e-3 * tol) * scale[..., None] * eye * m[..., None, :], upper=True)
+    Rinv = torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True)
+    Q = X @ (Rinv * m[..., :, None]).to(X.dtype)
+    return Q, keep
+
+
+def orth_complement(U: torch.Tensor, X: torch.Tensor, width: int) -> torch.Tensor:
+    """Orthonormal columns spanning ``(I - U Uᵀ) X``, zero-padded to ``width`` columns.
+
+    U: (m, r) with orthonormal columns; X: (m, k). Returns Q (m, width) with QᵀU = 0, the non-zero
+    columns orthonormal and ``span(Q) ⊇ span((I - U Uᵀ) X)`` up to columns whose squared residual is
+    below :func:`dependent_tol` of the largest (dropped, i.e. zero). ``width <= k``; the first ``width``
+    columns of X are used (width = min(k, m - r) when the augmentation is capped by the dimension m).
+    """
+    X = X[:, :width]
+    if width == 0:
+        return X
+    X = X - U @ (U.mT @ X)
+    Q, keep = _masked_cholqr(X)
+    Q = Q - U @ (U.mT @ Q)  # remove the rounding leak into span(U) before the second pass
+    Q, _ = _masked_cholqr(Q, keep)
+    return Q
+
+
+def reorthonormalize(U: torch.Tensor):
+    """One CholeskyQR pass on a nearly orthonormal U (m, k): returns (U R⁻¹, R), UᵀU = RᵀR.
+
+    Rounding in each step's rotations would otherwise accumulate in the bases over thousands of steps;
+    callers fold R into the coefficients (S ← R_U S R_Vᵀ) so W is unchanged.
+    """
+    k = U.shape[-1]
+    eye = torch.eye(k, dtype=torch.float64, device=U.device)
+    R = torch.linalg.cholesky((U.mT @ U).double(), upper=True)
+    Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
+    return U @ Rinv.to(U.dtype), R.to(U.dtype)
+
+
+def robust_svd(A: torch.Tensor):
+    """Reduced SVD ``A = P diag(sigma) Qᵀ`` (sigma descending) that survives LAPACK failures.
+
+    A: (p, q). Tries ``torch.linalg.svd``; on ``LinAlgError`` or non-finite output (gesdd fails on
+    some rank-deficient cores), recomputes in float64 via ``eigh(AᵀA)`` for Q and sigma and a
+    Householder QR of ``A Q`` for P (exact for the non-zero singular values; the zero ones get an
+    arbitrary orthonormal completion). Returns (P (p, k), sigma (k,), Q (q, k)), k = min(p, q).
+    """
+    try:
+        P, sigma, Qt = torch.linalg.svd(A, full_matrices=False)
+        if bool(torch.isfinite(sigma).all()):
+            return P, sigma, Qt.mT
+    except torch.linalg.LinAlgError:
+        pass
+    return _svd_by_eigh(A)
+
+
+def _svd_by_eigh(A: torch.Tensor):
+    k = min(A.shape)
+    Ad = A.double()
+    w, E = torch.linalg.eigh(Ad.mT @ Ad)
+    order = torch.argsort(w, descending=True)[:k]
+    Q = E[:, order]
+    sigma = w[order].clamp_min(0).sqrt()
+    P, R = torch.linalg.qr(Ad @ Q)
+    sign = torch.where(R.diagonal() < 0, -1.0, 1.0).to(P.dtype)
+    return (P * sign).to(A.dtype), sigma.to(A.dtype), Q.to(A.dtype)

@@ -1,0 +1,107 @@
+"""The DLRT layer update: the specification every backend (reference here, fused in csrc/) implements.
+
+For one layer with W = U S Vᵀ (U: m×r, V: n×r, S: r×r), gradients G_K = G_W V, G_L = G_Wᵀ U and the
+base optimizer's directions D_K, D_L, D_S (see :mod:`.base`):
+
+1. Augment:  Û = [U, Q_U], Q_U = orth((I - U Uᵀ) G_K) with min(r, m - r) columns; V̂ = [V, Q_V] likewise
+   from G_L (each side is capped by its own dimension, so at full rank the step is the dense step).
+2. Assemble the Galerkin core of the stepped weight, Ŝ = Ûᵀ (W - step) V̂:
+
+        Ŝ = [[ decay(S) - lr·D_S ,  -lr·D_Lᵀ Q_V ],
+             [ -lr·Q_Uᵀ D_K      ,  0            ]]
+
+3. Truncate: Ŝ = P Σ Qᵀ, r' = :func:`lrtrain.rank.tolerance_rank` (σ, τ, min_rank, max_rank);
+   U ← Û P[:, :r'], V ← V̂ Q[:, :r'], S ← diag(σ_1..σ_r'); then one CholeskyQR pass U ← U R_u⁻¹,
+   V ← V R_v⁻¹, S ← R_u S R_vᵀ (W unchanged) so that rounding never accumulates in the bases.
+4. Transport optimizer state to the new bases with R_U = P[:r, :r'] = Uᵀ U_new, R_V = Q[:r, :r']:
+   K-state X ← X R_V, L-state X ← X R_U, S-state X ← R_Uᵀ X R_V for momentum/first moments; Adam's
+   second moment v (a per-coordinate variance) is carried by the squared rotation: v_K ← v_K (R_V∘R_V),
+   v_L ← v_L (R_U∘R_U), v_S ← (R_U∘R_U)ᵀ v_S (R_V∘R_V), which keeps it non-negative and is exact when
+   the rotation is a permutation. Directions new to the basis start from what this carries (no history).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..rank.truncation import tolerance_rank
+from .linalg import orth_complement, reorthonormalize, robust_svd
+
+__all__ = ["LayerStep", "LayerResult", "augmented_core", "reference_update", "reference_update_layers",
+           "transport_state"]
+
+
+@dataclass
+class LayerStep:
+    """Inputs of one layer's update. S_decayed = decay(S) from the base rule (S itself for SGD)."""
+
+    U: torch.Tensor
+    S_decayed: torch.Tensor
+    V: torch.Tensor
+    G_K: torch.Tensor
+    G_L: torch.Tensor
+    D_K: torch.Tensor
+    D_L: torch.Tensor
+    D_S: torch.Tensor
+    max_rank: int
+    augment: int | None = None  # at most this many new columns per side (None: r); set by a rank guide
+
+
+@dataclass
+class LayerResult:
+    """New factors and the rotations R_U = Uᵀ U_new (r×r'), R_V = Vᵀ V_new (r×r')."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    R_U: torch.Tensor
+    R_V: torch.Tensor
+
+
+def augmented_core(item: LayerStep, lr: float):
+    """Steps 1-2: returns Q_U (m×a), Q_V (n×b) and Ŝ ((r+a)×(r+b)) in float32 or wider."""
+    U, V = item.U, item.V
+    m, r = U.shape
+    n = V.shape[0]
+    a = r if item.augment is None else min(r, item.augment)
+    Q_U = orth_complement(U, item.G_K, min(a, m - r))
+    Q_V = orth_complement(V, item.G_L, min(a, n - r))
+    top = torch.cat([item.S_decayed - lr * item.D_S, -lr * (item.D_L.mT @ Q_V)], dim=1)
+    bottom = torch.cat([-lr * (Q_U.mT @ item.D_K), U.new_zeros(Q_U.shape[1], Q_V.shape[1])], dim=1)
+    S_hat = torch.cat([top, bottom], dim=0)
+    return Q_U, Q_V, S_hat.to(torch.promote_types(S_hat.dtype, torch.float32))
+
+
+def reference_update(item: LayerStep, lr: float, tau: float, min_rank: int) -> LayerResult:
+    """Steps 1-3 for one layer in plain PyTorch (one host sync: the new rank)."""
+    U, V = item.U, item.V
+    r = U.shape[1]
+    Q_U, Q_V, S_hat = augmented_core(item, lr)
+    P, sigma, Q = robust_svd(S_hat)
+    k = int(tolerance_rank(sigma, tau, min_rank, item.max_rank))
+    P, sigma, Q = P[:, :k].to(U.dtype), sigma[:k].to(U.dtype), Q[:, :k].to(U.dtype)
+    R_U, R_V = P[:r], Q[:r]
+    U_new, Ru = reorthonormalize(U @ R_U + Q_U @ P[r:])
+    V_new, Rv = reorthonormalize(V @ R_V + Q_V @ Q[r:])
+    return LayerResult(U_new, (Ru * sigma) @ Rv.mT, V_new, R_U.contiguous(), R_V.contiguous())
+
+
+def reference_update_layers(items: list[LayerStep], lr: float, tau: float, min_rank: int) -> list[LayerResult]:
+    """All layers of one param group, one after the other (the fused backends batch them)."""
+    return [reference_update(item, lr, tau, min_rank) for item in items]
+
+
+def transport_state(states: dict, R_U: torch.Tensor, R_V: torch.Tensor, linear_keys, square_keys) -> None:
+    """Step 4, in place on ``states = {'U': {...}, 'S': {...}, 'V': {...}}`` (K-, S- and L-coordinates)."""
+    sq_U, sq_V = R_U.square(), R_V.square()
+    for key in linear_keys:
+        if key in states["U"]:
+            states["U"][key] = states["U"][key] @ R_V
+            states["V"][key] = states["V"][key] @ R_U
+            states["S"][key] = R_U.mT @ states["S"][key] @ R_V
+    for key in square_keys:
+        if key in states["U"]:
+            states["U"][key] = states["U"][key] @ sq_V
+            states["V"][key] = states["V"][key] @ sq_U
+            states["S"][key] = sq_U.mT @ states["S"][key] @ sq_V

@@ -1,0 +1,4 @@
+"""Rank control: how many singular values of the DLRT core to keep."""
+from .truncation import tolerance_rank
+
+__all__ = ["tolerance_rank"]

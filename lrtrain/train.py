@@ -1,0 +1,61 @@
+"""A minimal classification training loop shared by the demo, tests and benchmarks."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset, batches
+from .layers.factors import FactorizedMixin
+
+__all__ = ["History", "fit", "evaluate", "ranks"]
+
+
+@dataclass
+class History:
+    losses: list = field(default_factory=list)  # per step
+    ranks: list = field(default_factory=list)  # per step: {layer name: rank}
+    epoch_seconds: list = field(default_factory=list)
+    test_accuracy: float = float("nan")
+
+
+def ranks(model) -> dict:
+    """{qualified name: current rank} of the factorized layers of ``model``."""
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, FactorizedMixin)}
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> float:
+    """Top-1 accuracy in percent."""
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in batches(x, y, batch_size, shuffle=False))
+    model.train(was_training)
+    return 100.0 * correct / len(y)
+
+
+def fit(model, opt, data: Dataset, epochs: int, batch_size: int = 128, seed: int = 0, progress=None,
+        scheduler=None, on_step=None) -> History:
+    """Train with cross-entropy for ``epochs``; ``progress`` wraps the batch iterator (e.g. tqdm)."""
+    gen = torch.Generator().manual_seed(seed)
+    hist = History()
+    model.train()
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        it = batches(data.train_x, data.train_y, batch_size, gen)
+        for xb, yb in progress(it) if progress else it:
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            hist.losses.append(loss.item())
+            hist.ranks.append(ranks(model))
+            if on_step is not None:
+                on_step(model, opt, xb, yb)
+        if scheduler is not None:
+            scheduler.step()
+        hist.epoch_seconds.append(time.perf_counter() - t0)
+    hist.test_accuracy = evaluate(model, data.test_x, data.test_y)
+    return hist
