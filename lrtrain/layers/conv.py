@@ -7,8 +7,6 @@ first convolution for output gradient g_t = Uᵀ g_y.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -83,11 +81,7 @@ class LowRankConv2d(FactorizedMixin, nn.Module):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._init_factors(self.out_channels, fan_in, rank, max_rank, device, dtype)
-        if bias:
-            bound = 1.0 / math.sqrt(fan_in)
-            self.bias = nn.Parameter(torch.empty(self.out_channels, device=device, dtype=dtype).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, self.out_channels, fan_in, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self.kernel_size,

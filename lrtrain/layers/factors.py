@@ -2,8 +2,9 @@
 
 A factorized layer stores W = U S Vᵀ (W: out × in_flat) as three parameters:
 U (out × r) and V (in_flat × r) with orthonormal columns, S (r × r). Each is a :class:`Factor`, an
-``nn.Parameter`` tagged with its role ('U', 'S' or 'V') and a :class:`FactorGroup` shared by the three,
-which is how :class:`lrtrain.DLRT` finds them in ``model.parameters()``.
+``nn.Parameter`` tagged with its role ('U', 'S', 'V', or 'bias' for the layer's bias) and a
+:class:`FactorGroup` shared by the layer's parameters, which is how :class:`lrtrain.DLRT` finds them in
+``model.parameters()`` (and skips the whole layer, bias included, when one of its gradients is non-finite).
 
 Gradient convention (DLRT): after ``backward()``, ``U.grad`` holds ∂L/∂K with K = U S (= G_W V),
 ``V.grad`` holds ∂L/∂L with L = V Sᵀ (= G_Wᵀ U) and ``S.grad`` holds ∂L/∂S (= Uᵀ G_W V).
@@ -101,6 +102,14 @@ class FactorizedMixin:
         # ‖W‖_F² = r s² = out/3: the same expected energy as nn.Linear's U(-1/√in, 1/√in) init.
         S = torch.eye(rank, **kw) * math.sqrt(out_f / (3.0 * rank))
         self._set_factors(U, S, V)
+
+    def _init_bias(self, enabled: bool, out_f: int, fan_in: int, device=None, dtype=None) -> None:
+        """Bias ~ U(-1/√fan_in, 1/√fan_in) as in nn.Linear / nn.Conv2d, tagged as part of the layer."""
+        if not enabled:
+            self.register_parameter("bias", None)
+            return
+        bound = 1.0 / math.sqrt(fan_in)
+        self.bias = Factor(torch.empty(out_f, device=device, dtype=dtype).uniform_(-bound, bound), "bias", self._group)
 
     def _set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
         self.U = Factor(U.contiguous(), "U", self._group)

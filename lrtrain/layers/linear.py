@@ -1,8 +1,6 @@
 """LowRankLinear: y = x Wᵀ + b with W = U S Vᵀ, computed as ((x V) Sᵀ) Uᵀ + b (W never formed)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -24,11 +22,7 @@ class LowRankLinear(FactorizedMixin, nn.Module):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self._init_factors(self.out_features, self.in_features, rank, max_rank, device, dtype)
-        if bias:
-            bound = 1.0 / math.sqrt(self.in_features)
-            self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
+        self._init_bias(bias, self.out_features, self.in_features, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return LowRankLinearFunction.apply(x, self.U, self.S, self.V, self.bias)

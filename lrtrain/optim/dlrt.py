@@ -55,12 +55,18 @@ class DLRT(Optimizer):
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         betas=tuple(betas), eps=eps, weight_decay=weight_decay, tau=tau, min_rank=min_rank)
         super().__init__(params, defaults)
+        self._check_factors()
+        self._ready = True
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _validate_group(group)
+        _validate_group(self.param_groups[-1])
+        if getattr(self, "_ready", False):
+            self._check_factors()
+
+    def _check_factors(self) -> None:
+        """Each factorized layer's U, S, V (and bias) must all be present, in one param group."""
         seen: dict[int, int] = {}
         for gi, g in enumerate(self.param_groups):
             triples, _ = factor_groups(g["params"])
@@ -69,6 +75,8 @@ class DLRT(Optimizer):
                     raise ValueError("params: a factorized layer's U, S and V are split across param groups "
                                      f"{seen[key]} and {gi}; put all three in one group")
                 seen[key] = gi
+        for g in self.param_groups:
+            for roles in factor_groups(g["params"])[0].values():
                 missing = [r for r in _ROLES if r not in roles]
                 if missing:
                     raise ValueError(f"params: a factorized layer is partly missing (no {', '.join(missing)}); "
@@ -105,9 +113,14 @@ class DLRT(Optimizer):
         layers = [t for t in triples.values() if t["U"].grad is not None]
         return layers, [p for p in plain if p.grad is not None]
 
+    @staticmethod
+    def _layer_grads(t: dict) -> list:
+        """Gradients of a layer's U, S, V and (if it has one and it has a gradient) its bias."""
+        return [t[r].grad for r in _ROLES] + ([t["bias"].grad] if "bias" in t and t["bias"].grad is not None else [])
+
     def _drop_nonfinite(self, plans) -> None:
         """Remove every layer / param with a non-finite gradient (one host sync for all of them)."""
-        units = [(gi, "layer", t, [t[r].grad for r in _ROLES]) for gi, (ls, _) in enumerate(plans) for t in ls]
+        units = [(gi, "layer", t, self._layer_grads(t)) for gi, (ls, _) in enumerate(plans) for t in ls]
         units += [(gi, "plain", p, [p.grad]) for gi, (_, ps) in enumerate(plans) for p in ps]
         if not units:
             return
@@ -132,6 +145,8 @@ class DLRT(Optimizer):
     def _step_group(self, group, layers, plain) -> None:
         rule = make_rule(group["base"])
         lr = group["lr"]
+        # A layer's bias takes the plain base update, but only together with its (finite) factors.
+        plain = plain + [t["bias"] for t in layers if "bias" in t and t["bias"].grad is not None]
         # Gradient list: plain params, then (K, L, S) of each layer. Decay applies to plain params and S.
         grads = [p.grad for p in plain]
         decay = list(plain)

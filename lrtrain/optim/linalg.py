@@ -70,7 +70,10 @@ def reorthonormalize(U: torch.Tensor):
     """
     k = U.shape[-1]
     eye = torch.eye(k, dtype=torch.float64, device=U.device)
-    R = torch.linalg.cholesky((U.mT @ U).double(), upper=True)
+    R, info = torch.linalg.cholesky_ex((U.mT @ U).double(), upper=True)
+    if int(info) != 0:  # a (numerically) dependent or non-finite column: Householder always succeeds
+        Q, R = torch.linalg.qr(U.double())
+        return Q.to(U.dtype), R.to(U.dtype)
     Rinv = torch.linalg.solve_triangular(R, eye, upper=True)
     return U @ Rinv.to(U.dtype), R.to(U.dtype)
 
@@ -79,9 +82,11 @@ def robust_svd(A: torch.Tensor):
     """Reduced SVD ``A = P diag(sigma) Qᵀ`` (sigma descending) that survives LAPACK failures.
 
     A: (p, q). Tries ``torch.linalg.svd``; on ``LinAlgError`` or non-finite output (gesdd fails on
-    some rank-deficient cores), recomputes in float64 via ``eigh(AᵀA)`` for Q and sigma and a
-    Householder QR of ``A Q`` for P (exact for the non-zero singular values; the zero ones get an
-    arbitrary orthonormal completion). Returns (P (p, k), sigma (k,), Q (q, k)), k = min(p, q).
+    some rank-deficient cores), recomputes in float64 via ``eigh(AᵀA)`` for Q and a Householder QR
+    ``A Q = P R`` for P and sigma = |diag R| (exact for the non-zero singular values; the zero ones get an
+    arbitrary orthonormal completion). If that fails too (a core that overflowed after a huge step),
+    the result is NaN, which callers treat as a failed, skipped update.
+    Returns (P (p, k), sigma (k,), Q (q, k)), k = min(p, q).
     """
     try:
         P, sigma, Qt = torch.linalg.svd(A, full_matrices=False)
@@ -89,7 +94,12 @@ def robust_svd(A: torch.Tensor):
             return P, sigma, Qt.mT
     except torch.linalg.LinAlgError:
         pass
-    return _svd_by_eigh(A)
+    try:
+        return _svd_by_eigh(A)
+    except torch.linalg.LinAlgError:
+        k = min(A.shape)
+        nan = float("nan")
+        return A.new_full((A.shape[0], k), nan), A.new_full((k,), nan), A.new_full((A.shape[1], k), nan)
 
 
 def _svd_by_eigh(A: torch.Tensor):
@@ -98,7 +108,9 @@ def _svd_by_eigh(A: torch.Tensor):
     w, E = torch.linalg.eigh(Ad.mT @ Ad)
     order = torch.argsort(w, descending=True)[:k]
     Q = E[:, order]
-    sigma = w[order].clamp_min(0).sqrt()
+    # A Q = P R with R ≈ diag(σ): |R_ii| (a column norm) is accurate to eps·‖A‖, unlike √λ_i whose
+    # rounding floor is √eps·‖A‖, so numerically zero singular values stay recognisable as zero.
     P, R = torch.linalg.qr(Ad @ Q)
-    sign = torch.where(R.diagonal() < 0, -1.0, 1.0).to(P.dtype)
-    return (P * sign).to(A.dtype), sigma.to(A.dtype), Q.to(A.dtype)
+    d = R.diagonal()
+    sign = torch.where(d < 0, -1.0, 1.0).to(P.dtype)
+    return (P * sign).to(A.dtype), d.abs().to(A.dtype), Q.to(A.dtype)
