@@ -18,35 +18,29 @@ def _check_factor_grads(layer, G_W):
     torch.testing.assert_close(layer.S.grad, U.T @ G_W @ V, rtol=1e-10, atol=1e-10)  # G_S
 
 
-def test_linear_forward_and_dlrt_gradients_match_dense():
-    layer = LowRankLinear(20, 30, 5, **f64)
+def _compare_with_dense(layer, x):
+    """Same output as ``layer.to_dense()``; U/S/V grads are G_K, G_S, G_L of the dense weight gradient."""
     dense = layer.to_dense()
-    x = torch.randn(4, 7, 20, **f64, requires_grad=True)  # extra leading dim
+    x = x.requires_grad_()
     xd = x.detach().clone().requires_grad_()
     y, yd = layer(x), dense(xd)
     torch.testing.assert_close(y, yd, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
     y.backward(g)
     yd.backward(g)
-    _check_factor_grads(layer, dense.weight.grad)
+    _check_factor_grads(layer, dense.weight.grad.reshape(dense.weight.shape[0], -1))
     torch.testing.assert_close(x.grad, xd.grad)
     torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+
+
+def test_linear_forward_and_dlrt_gradients_match_dense():
+    _compare_with_dense(LowRankLinear(20, 30, 5, **f64), torch.randn(4, 7, 20, **f64))  # extra leading dim
 
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2)])
 def test_conv_forward_and_dlrt_gradients_match_dense(stride, padding, dilation):
     layer = LowRankConv2d(3, 8, 3, 4, stride=stride, padding=padding, dilation=dilation, **f64)
-    dense = layer.to_dense()
-    x = torch.randn(2, 3, 11, 11, **f64, requires_grad=True)
-    xd = x.detach().clone().requires_grad_()
-    y, yd = layer(x), dense(xd)
-    torch.testing.assert_close(y, yd, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    y.backward(g)
-    yd.backward(g)
-    _check_factor_grads(layer, dense.weight.grad.reshape(8, -1))
-    torch.testing.assert_close(x.grad, xd.grad)
-    torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+    _compare_with_dense(layer, torch.randn(2, 3, 11, 11, **f64))
 
 
 def test_from_dense_is_the_best_rank_r_approximation():
