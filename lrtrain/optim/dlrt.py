@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from ..layers.factors import factor_groups, replace_factor
 from .base import make_rule
-from ..ext import update_layers
+from ..ext import check_backend, finite_flags, update_layers
 from .step import LayerStep, transport_state
 
 __all__ = ["DLRT"]
@@ -41,14 +41,18 @@ class DLRT(Optimizer):
         guide: optional rank guide (e.g. :class:`lrtrain.CollapseMonitor`): before each layer's update
             DLRT calls ``guide.adjust(factor_group, item, param_group)``, which may lower
             ``item.augment`` (new basis columns per side) and ``item.max_rank`` for that step.
+        backend: who runs the layer updates: ``"auto"`` (the fused C++/CUDA kernels of
+            :mod:`lrtrain.ext` where active for the layer's device, else the reference), ``"reference"``
+            (pure PyTorch), ``"cpu"`` or ``"cuda"`` (that fused backend; ValueError if it is not active).
     """
 
     def __init__(self, params, lr: float = 1e-3, base: str = "adamw", momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1, nonfinite: str = "skip",
-                 guide=None):
+                 guide=None, backend: str = "auto"):
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        self.backend = check_backend(backend)
         self.nonfinite = nonfinite
         self.guide = guide
         self.skipped_steps = 0
@@ -172,10 +176,11 @@ class DLRT(Optimizer):
             if self.guide is not None:
                 self.guide.adjust(t["U"].lrtrain_group, item, group)
             items.append(item)
-        results = update_layers(items, lr, group["tau"], group["min_rank"])
+        results = update_layers(items, lr, group["tau"], group["min_rank"], backend=self.backend)
+        finite = finite_flags(results)  # fused results carry it; the rest cost one sync for all layers
         for j, (t, res) in enumerate(zip(layers, results)):
             st_K, st_L, st_S = new_states[offset + 3 * j: offset + 3 * j + 3]
-            if not bool(torch.isfinite(res.S).all()):
+            if not finite[j]:
                 warnings.warn("DLRT: a layer's update was non-finite (learning rate too large?); step skipped",
                               RuntimeWarning)
                 self.skipped_steps += 1

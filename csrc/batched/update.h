@@ -1,0 +1,160 @@
+// The fused DLRT layer update for a group of L layers of one shape, dtype and device (orchestration).
+//
+// Same spec as lrtrain/optim/step.py (reference_update), batched over the layers:
+//   1. Q_U = orth_complement(U, G_K[:, :a_U]), Q_V likewise: X ← X - U(UᵀX); masked shifted CholeskyQR2
+//      (first-pass Gram in float64; dependent columns exactly zero)      [bmm + Backend::masked_cholqr]
+//   2. Ŝ = [[S - lr·D_S, -lr·D_Lᵀ Q_V], [-lr·Q_Uᵀ D_K, 0]]                  [bmm]
+//   3. Ŝ = P Σ Qᵀ (one-sided Jacobi, or LAPACK on CPU), rank k by the τ rule (on the device) [Backend::svd]
+//   4. U_raw = [U, Q_U] P_k, CholeskyQR: U_new = U_raw R_u⁻¹ (V likewise), S_new = R_u Σ_k R_vᵀ
+//                                                                         [bmm + Backend::reorth]
+// Ranks stay on the device until the end: P_k is P with its columns ≥ k zeroed, so every tensor keeps
+// the padded width kk = min(p, q) and only the final slicing needs k — one device→host copy of the
+// (rank, status) pairs per call, the only synchronization.
+//
+// Backend provides the three small-matrix kernels on raw pointers (csrc/cpu/backend.h: OpenMP over
+// layers; csrc/cuda/backend.h: one CUDA block per layer). GEMMs are at::bmm (MKL / cuBLAS).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../kernels/hd.h"
+#include "../kernels/jacobi_svd.h"
+
+namespace lrtrain {
+
+using at::Tensor;
+
+// Per-layer scratch bytes for all three kernels (reused one after the other).
+template <class T>
+inline size_t layer_workspace_bytes(int w_max, int p, int q) {
+  const int kk = std::min(p, q);
+  size_t b = std::max({size_t(2) * w_max * w_max * sizeof(double), jacobi_smem_bytes<T>(p, q),
+                       size_t(2) * kk * kk * sizeof(double)});
+  return (b + 255) / 256 * 256;
+}
+
+struct Workspace {
+  Tensor buf;
+  size_t stride;
+  char* base() const { return static_cast<char*>(buf.data_ptr()); }
+};
+
+// (L, ...) view of L same-shape tensors: a copy for L > 1, a free view of the tensor for L = 1.
+inline Tensor stack_layers(const std::vector<Tensor>& xs) { return xs.size() == 1 ? xs[0].unsqueeze(0) : at::stack(xs); }
+
+template <class Backend, class T>
+Tensor orth_complement_batched(const Tensor& U, const Tensor& X0, const Tensor& status, const Workspace& ws,
+                               void* stream) {
+  const int64_t L = U.size(0), w = X0.size(2);
+  if (w == 0) return X0;
+  const double tol = Num<T>::dependent_tol;
+  Tensor X = at::baddbmm(X0, U, at::bmm(U.mT(), X0), /*beta=*/1, /*alpha=*/-1);
+  Tensor Xd = X.to(at::kDouble);
+  Tensor G = at::bmm(Xd.mT(), Xd).contiguous();
+  Tensor keep = at::empty({L, w}, X.options().dtype(at::kByte));
+  Tensor Rinv = at::empty({L, w, w}, X.options());
+  Backend::template masked_cholqr<T>(G.data_ptr<double>(), L, int(w), tol, true, keep.data_ptr<uint8_t>(),
+                                     Rinv.data_ptr<T>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
+  Tensor Q = at::bmm(X, Rinv);
+  Q = at::baddbmm(Q, U, at::bmm(U.mT(), Q), 1, -1);  // remove the rounding leak into span(U)
+  Tensor G2 = at::bmm(Q.mT(), Q).to(at::kDouble).contiguous();
+  Backend::template masked_cholqr<T>(G2.data_ptr<double>(), L, int(w), tol, false, keep.data_ptr<uint8_t>(),
+                                     Rinv.data_ptr<T>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
+  return at::bmm(Q, Rinv);
+}
+
+// [U, Q_U] P = U P[:r] + Q_U P[r:] (L, rows, kw).
+inline Tensor rotate(const Tensor& U, const Tensor& QU, const Tensor& P) {
+  const int64_t r = U.size(2), a = QU.size(2);
+  Tensor out = at::bmm(U, P.narrow(1, 0, r));
+  return a == 0 ? out : at::baddbmm(out, QU, P.narrow(1, r, a));
+}
+
+// U_raw (L, rows, kk) → U_raw R⁻¹ and R (L, kk, kk), both zero beyond each layer's rank.
+template <class Backend, class T>
+std::pair<Tensor, Tensor> reorthonormalize_batched(const Tensor& Uraw, const Tensor& rank, const Tensor& status,
+                                                   const Workspace& ws, void* stream) {
+  const int64_t L = Uraw.size(0), kk = Uraw.size(2);
+  Tensor G = at::bmm(Uraw.mT(), Uraw).to(at::kDouble).contiguous();
+  Tensor R = at::empty({L, kk, kk}, Uraw.options());
+  Tensor Rinv = at::empty({L, kk, kk}, Uraw.options());
+  Backend::template reorth<T>(G.data_ptr<double>(), L, int(kk), rank.data_ptr<int>(), R.data_ptr<T>(),
+                              Rinv.data_ptr<T>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
+  return {at::bmm(Uraw, Rinv), R};
+}
+
+// Returns (per layer [U, S, V, R_U, R_V], ranks, statuses). All inputs of one group share shapes.
+template <class Backend, class T>
+std::tuple<std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<int64_t>> fused_update_group(
+    const std::vector<Tensor>& Us, const std::vector<Tensor>& Ss, const std::vector<Tensor>& Vs,
+    const std::vector<Tensor>& GKs, const std::vector<Tensor>& GLs, const std::vector<Tensor>& DKs,
+    const std::vector<Tensor>& DLs, const std::vector<Tensor>& DSs, const std::vector<int64_t>& max_ranks,
+    int64_t augment, double lr, double tau, int64_t min_rank, int64_t max_sweeps, int svd_method, void* stream) {
+  at::NoGradGuard no_grad;
+  const int64_t L = int64_t(Us.size());
+  const int64_t m = Us[0].size(0), r = Us[0].size(1), n = Vs[0].size(0);
+  const int64_t a = augment < 0 ? r : std::min(r, augment);
+  const int64_t aU = std::min(a, m - r), aV = std::min(a, n - r);
+  const int64_t p = r + aU, q = r + aV, kk = std::min(p, q);
+  auto opts = Us[0].options();
+
+  std::vector<Tensor> xu, xv;
+  for (int64_t l = 0; l < L; ++l) {
+    xu.push_back(GKs[l].narrow(1, 0, aU));
+    xv.push_back(GLs[l].narrow(1, 0, aV));
+  }
+  Tensor U = stack_layers(Us), V = stack_layers(Vs);
+  Tensor status = at::zeros({L}, opts.dtype(at::kInt));
+  Tensor max_rank = at::tensor(std::vector<int>(max_ranks.begin(), max_ranks.end()), at::kInt).to(opts.device());
+  Workspace ws{Tensor(), layer_workspace_bytes<T>(int(std::max(aU, aV)), int(p), int(q))};
+  ws.buf = at::empty({int64_t(ws.stride) * L}, opts.dtype(at::kByte));
+
+  // 1. augment
+  Tensor QU = orth_complement_batched<Backend, T>(U, stack_layers(xu), status, ws, stream);
+  Tensor QV = orth_complement_batched<Backend, T>(V, stack_layers(xv), status, ws, stream);
+  // 2. Galerkin core
+  Tensor core = at::zeros({L, p, q}, opts);
+  core.narrow(1, 0, r).narrow(2, 0, r).copy_(at::sub(stack_layers(Ss), stack_layers(DSs).mul(lr)));
+  if (aV > 0) core.narrow(1, 0, r).narrow(2, r, aV).copy_(at::bmm(stack_layers(DLs).mT(), QV).mul_(-lr));
+  if (aU > 0) core.narrow(1, r, aU).narrow(2, 0, r).copy_(at::bmm(QU.mT(), stack_layers(DKs)).mul_(-lr));
+  // 3. SVD + rank (on the device)
+  Tensor P = at::empty({L, p, kk}, opts), Q = at::empty({L, q, kk}, opts), sig = at::empty({L, kk}, opts);
+  Tensor rank = at::empty({L}, opts.dtype(at::kInt));
+  Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), tau, int(min_rank),
+                              int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(),
+                              rank.data_ptr<int>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
+  // 4. rotate the bases, re-orthonormalize, fold R into S. Every rank is ≤ kw, so the padded width can
+  // drop to kw: max(max_rank) in general, the largest chosen rank where the ranks live on the host (CPU).
+  int64_t kw = std::min<int64_t>(kk, *std::max_element(max_ranks.begin(), max_ranks.end()));
+  if (Backend::kHostRanks) {
+    const int* rk = rank.data_ptr<int>();
+    kw = std::max<int64_t>(1, *std::max_element(rk, rk + L));
+  }
+  Tensor Pk = P.narrow(2, 0, kw), Qk = Q.narrow(2, 0, kw);
+  auto [Unew, Ru] = reorthonormalize_batched<Backend, T>(rotate(U, QU, Pk), rank, status, ws, stream);
+  auto [Vnew, Rv] = reorthonormalize_batched<Backend, T>(rotate(V, QV, Qk), rank, status, ws, stream);
+  Tensor Snew = at::bmm(Ru * sig.narrow(1, 0, kw).unsqueeze(1), Rv.mT());
+  Tensor bad = at::logical_not(at::isfinite(Snew).flatten(1).all(1)).to(at::kInt) * int(kNonFinite);
+  status.bitwise_or_(bad);
+
+  Tensor info = at::cat({rank, status}).cpu();  // the one host synchronization
+  const int* h = info.data_ptr<int>();
+  std::vector<std::vector<Tensor>> out;
+  std::vector<int64_t> ranks, statuses;
+  out.reserve(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t k = h[l];
+    ranks.push_back(k);
+    statuses.push_back(h[L + l]);
+    out.push_back({Unew[l].narrow(1, 0, k).clone(at::MemoryFormat::Contiguous), Snew[l].narrow(0, 0, k).narrow(1, 0, k).clone(at::MemoryFormat::Contiguous),
+                   Vnew[l].narrow(1, 0, k).clone(at::MemoryFormat::Contiguous), P[l].narrow(0, 0, r).narrow(1, 0, k).clone(at::MemoryFormat::Contiguous),
+                   Q[l].narrow(0, 0, r).narrow(1, 0, k).clone(at::MemoryFormat::Contiguous)});
+  }
+  return {out, ranks, statuses};
+}
+
+}  // namespace lrtrain

@@ -1,0 +1,110 @@
+// Python module lrtrain.ext._cpu: the fused DLRT update on CPU tensors (csrc/batched/update.h driven by
+// csrc/cpu/backend.h), and the batched Jacobi SVD alone (for the benchmarks and tests).
+#include <torch/extension.h>
+
+#include <omp.h>
+
+#include <exception>
+#include <string>
+
+#include "../batched/update.h"
+#include "backend.h"
+
+namespace {
+
+using lrtrain::CpuBackend;
+using lrtrain::Tensor;
+
+using GroupResult = std::tuple<std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<int64_t>>;
+
+template <class T>
+GroupResult update_group_t(const std::vector<Tensor>& U, const std::vector<Tensor>& S, const std::vector<Tensor>& V,
+                           const std::vector<Tensor>& GK, const std::vector<Tensor>& GL, const std::vector<Tensor>& DK,
+                           const std::vector<Tensor>& DL, const std::vector<Tensor>& DS,
+                           const std::vector<int64_t>& max_rank, int64_t augment, double lr, double tau,
+                           int64_t min_rank, int64_t max_sweeps, bool batched, int svd) {
+  if (batched)  // the CUDA path's schedule: every step batched over the L layers (used by the tests)
+    return lrtrain::fused_update_group<CpuBackend, T>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau,
+                                                      min_rank, max_sweeps, svd, nullptr);
+  // Default CPU schedule: OpenMP over layers, each thread runs the whole sequence for its layer (L = 1:
+  // no stacking copies; ATen/MKL calls inside the parallel region are single-threaded).
+  const int64_t L = int64_t(U.size());
+  std::vector<GroupResult> per(L);
+  std::vector<std::exception_ptr> err(L);
+  const int nt = int(std::min<int64_t>(L, at::get_num_threads()));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t l = 0; l < L; ++l) {
+    try {
+      per[l] = lrtrain::fused_update_group<CpuBackend, T>({U[l]}, {S[l]}, {V[l]}, {GK[l]}, {GL[l]}, {DK[l]}, {DL[l]},
+                                                          {DS[l]}, {max_rank[l]}, augment, lr, tau, min_rank,
+                                                          max_sweeps, svd, nullptr);
+    } catch (...) {
+      err[l] = std::current_exception();
+    }
+  }
+  for (auto& e : err)
+    if (e) std::rethrow_exception(e);
+  GroupResult out;
+  for (auto& g : per) {
+    std::get<0>(out).push_back(std::move(std::get<0>(g)[0]));
+    std::get<1>(out).push_back(std::get<1>(g)[0]);
+    std::get<2>(out).push_back(std::get<2>(g)[0]);
+  }
+  return out;
+}
+
+GroupResult update_group(const std::vector<Tensor>& U, const std::vector<Tensor>& S, const std::vector<Tensor>& V,
+                         const std::vector<Tensor>& GK, const std::vector<Tensor>& GL, const std::vector<Tensor>& DK,
+                         const std::vector<Tensor>& DL, const std::vector<Tensor>& DS,
+                         const std::vector<int64_t>& max_rank, int64_t augment, double lr, double tau,
+                         int64_t min_rank, int64_t max_sweeps, bool batched, const std::string& svd) {
+  TORCH_CHECK(!U.empty(), "update_group: no layers");
+  TORCH_CHECK(U[0].device().is_cpu(), "lrtrain.ext._cpu takes CPU tensors");
+  TORCH_CHECK(svd == "lapack" || svd == "jacobi", "svd must be 'lapack' or 'jacobi', got ", svd);
+  const int method = svd == "jacobi" ? lrtrain::kSvdJacobi : lrtrain::kSvdLapack;
+  if (U[0].scalar_type() == at::kFloat)
+    return update_group_t<float>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank, max_sweeps,
+                                 batched, method);
+  TORCH_CHECK(U[0].scalar_type() == at::kDouble, "lrtrain.ext._cpu supports float32 and float64");
+  return update_group_t<double>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank, max_sweeps,
+                                batched, method);
+}
+
+template <class T>
+std::vector<Tensor> jacobi_t(const Tensor& A, double tau, int64_t min_rank, int64_t max_rank, int64_t max_sweeps) {
+  const int64_t L = A.size(0), p = A.size(1), q = A.size(2), kk = std::min(p, q);
+  Tensor Ac = A.contiguous();
+  auto o = A.options();
+  Tensor P = at::empty({L, p, kk}, o), Q = at::empty({L, q, kk}, o), sig = at::empty({L, kk}, o);
+  Tensor rank = at::empty({L}, o.dtype(at::kInt)), status = at::zeros({L}, o.dtype(at::kInt));
+  Tensor maxr = at::full({L}, max_rank, o.dtype(at::kInt));
+  const size_t stride = (lrtrain::jacobi_smem_bytes<T>(int(p), int(q)) + 255) / 256 * 256;
+  Tensor ws = at::empty({int64_t(stride) * L}, o.dtype(at::kByte));
+  CpuBackend::jacobi<T>(Ac.data_ptr<T>(), L, int(p), int(q), maxr.data_ptr<int>(), tau, int(min_rank),
+                        int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(), rank.data_ptr<int>(),
+                        status.data_ptr<int>(), static_cast<char*>(ws.data_ptr()), stride, nullptr);
+  return {P, sig, Q, rank, status};
+}
+
+// A (L,p,q) → [P (L,p,kk), sigma (L,kk), Q (L,q,kk), rank (L), status (L)]; columns ≥ rank are zero.
+std::vector<Tensor> jacobi_svd(const Tensor& A, double tau, int64_t min_rank, int64_t max_rank, int64_t max_sweeps) {
+  TORCH_CHECK(A.dim() == 3 && A.device().is_cpu(), "jacobi_svd: A must be a (L, p, q) CPU tensor");
+  at::NoGradGuard g;
+  if (A.scalar_type() == at::kFloat) return jacobi_t<float>(A, tau, min_rank, max_rank, max_sweeps);
+  TORCH_CHECK(A.scalar_type() == at::kDouble, "jacobi_svd supports float32 and float64");
+  return jacobi_t<double>(A, tau, min_rank, max_rank, max_sweeps);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lrtrain fused DLRT update, CPU backend (C++/OpenMP)";
+  m.def("update_group", &update_group,
+        "Fused DLRT update of L same-shape layers: returns ([U, S, V, R_U, R_V] per layer, ranks, statuses)",
+        py::arg("U"), py::arg("S"), py::arg("V"), py::arg("G_K"), py::arg("G_L"), py::arg("D_K"), py::arg("D_L"),
+        py::arg("D_S"), py::arg("max_rank"), py::arg("augment"), py::arg("lr"), py::arg("tau"), py::arg("min_rank"),
+        py::arg("max_sweeps"), py::arg("batched") = false, py::arg("svd") = "lapack");
+  m.def("jacobi_svd", &jacobi_svd, "Batched one-sided Jacobi SVD + rank rule: [P, sigma, Q, rank, status]",
+        py::arg("A"), py::arg("tau"), py::arg("min_rank") = 1, py::arg("max_rank") = -1, py::arg("max_sweeps") = 40);
+  m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
+}

@@ -1,0 +1,48 @@
+// The truncation rule of lrtrain.rank.tolerance_rank, for one layer (second implementation).
+//
+//   r = min{ k : (Σ_{j>k} σ_j²)^{1/2} ≤ τ ‖σ‖₂ }, capped at the numerical rank #{σ_j > p·eps·σ_1},
+//   then clamped to [min(min_rank, hi), hi], hi = min(max_rank, p).
+//
+// Bit-for-bit the same arithmetic as the torch code: squares and tails in double, tails accumulated
+// from the end (torch's flip-cumsum-flip), the numerical threshold float(p·eps)·σ_1 in the dtype of σ.
+#pragma once
+
+#include "hd.h"
+
+namespace lrtrain {
+
+// sigma: p singular values, descending. max_rank < 0 means "no cap". Returns the chosen rank.
+template <class T>
+LRT_FN int tolerance_rank(const T* sigma, int p, double tau, int min_rank, int max_rank) {
+  if (p == 0) return 0;
+  double total = 0.0;
+  for (int k = p - 1; k >= 0; --k) total += double(sigma[k]) * double(sigma[k]);
+  const double thr = (tau * tau) * total;
+  int by_tol = 0;
+  double tail = 0.0;
+  for (int k = p - 1; k >= 0; --k) {
+    tail += double(sigma[k]) * double(sigma[k]);
+    if (tail > thr) ++by_tol;
+  }
+  const T num_thr = T(double(p) * double(Num<T>::eps)) * sigma[0];
+  int numerical = 0;
+  for (int k = 0; k < p; ++k)
+    if (sigma[k] > num_thr) ++numerical;
+  const int hi = max_rank < 0 ? p : lrt_min(max_rank, p);
+  const int lo = lrt_min(min_rank, hi);
+  int k = lrt_min(by_tol, numerical);
+  return lrt_min(lrt_max(k, lo), hi);
+}
+
+// Number of numerically non-zero singular values (the cap above): σ_j > float(p·eps)·σ_1.
+template <class T>
+LRT_FN int numerical_rank(const T* sigma, int p) {
+  if (p == 0) return 0;
+  const T num_thr = T(double(p) * double(Num<T>::eps)) * sigma[0];
+  int numerical = 0;
+  for (int k = 0; k < p; ++k)
+    if (sigma[k] > num_thr) ++numerical;
+  return numerical;
+}
+
+}  // namespace lrtrain

@@ -1,0 +1,121 @@
+"""``update_layers``: the DLRT layer update of a param group on the fused backends.
+
+Same contract as :func:`lrtrain.optim.step.reference_update_layers` (that function is the spec):
+items are grouped by (backend, U shape, V shape, dtype, device, augmentation width) and each group is
+one call into the compiled module, which runs project → orthonormalize → assemble → SVD → rank choice →
+rotate for all of its layers with the ranks decided on the device and one device→host copy (ranks and
+per-layer status) at the end. A layer whose status is not OK (non-finite core or result, a Jacobi SVD
+that did not converge, a Cholesky that failed) is recomputed by the reference update, so those rare
+cases behave exactly as the reference does. Layers a backend does not take (dtypes other than float32 /
+float64) use the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..optim.step import LayerResult, LayerStep, reference_update
+from .backends import BACKENDS, NAMES, available, module
+
+__all__ = ["FusedResult", "update_layers", "run_group", "finite_flags", "check_backend", "MAX_SWEEPS", "CPU_OPTIONS"]
+
+MAX_SWEEPS = 40  # Jacobi sweeps before a layer is handed to the reference (2-3 are typical)
+_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class FusedResult(LayerResult):
+    """A :class:`LayerResult` from a compiled backend; ``finite`` (S is finite) came with the ranks."""
+
+    finite: bool = True
+
+
+def check_backend(backend: str) -> str:
+    """Validate a ``backend`` name; a compiled one must be active here. Returns it."""
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {list(NAMES)}, got {backend!r}")
+    if backend in BACKENDS and not available()[backend]:
+        raise ValueError(f"backend={backend!r} is not active here (lrtrain.ext.available() = {available()}; "
+                         "built without it, or LRTRAIN_DISABLE_EXT=1); use 'auto' or 'reference'")
+    return backend
+
+
+def _route(item: LayerStep, backend: str):
+    """Backend name for one item, or None for the reference."""
+    if backend == "reference":
+        return None
+    t = (item.U, item.S_decayed, item.V, item.G_K, item.G_L, item.D_K, item.D_L, item.D_S)
+    dev = item.U.device
+    name = "cuda" if dev.type == "cuda" else "cpu" if dev.type == "cpu" else None
+    if backend in BACKENDS and name != backend:
+        raise ValueError(f"backend={backend!r} cannot update a layer on {dev}")
+    if name is None or not available()[name]:
+        return None
+    if item.U.dtype not in _DTYPES or any(x.dtype != item.U.dtype or x.device != dev for x in t):
+        return None
+    return name
+
+
+def _augment(item: LayerStep) -> int:
+    r = item.U.shape[1]
+    return r if item.augment is None else min(r, int(item.augment))
+
+
+# CPU schedule: "svd" is "lapack" (gesdd through ATen: measured faster on CPU, see
+# benchmarks/results/kernels.md) or "jacobi" (the kernel body the CUDA backend runs); "batched" runs the
+# CUDA backend's all-layers-at-once schedule instead of OpenMP over layers. The tests cover all four.
+CPU_OPTIONS = {"svd": "lapack", "batched": False}
+
+
+def run_group(name: str, group: list[LayerStep], lr: float, tau: float, min_rank: int, **options) -> list[LayerResult]:
+    """One fused call for ``group`` (same shapes, dtype, device, augmentation) on backend ``name``.
+
+    Layers whose status is not OK are recomputed by :func:`reference_update`. ``options`` override
+    :data:`CPU_OPTIONS` on the CPU backend.
+    """
+    mod = module(name)
+    if mod is None:
+        raise ValueError(f"backend {name!r} is not active here ({available()})")
+    args = [[getattr(it, f) for it in group] for f in ("U", "S_decayed", "V", "G_K", "G_L", "D_K", "D_L", "D_S")]
+    rest = ([int(it.max_rank) for it in group], _augment(group[0]), float(lr), float(tau), int(min_rank), MAX_SWEEPS)
+    if name == "cuda":
+        dev = group[0].U.device
+        with torch.cuda.device(dev):
+            outs, _ranks, status = mod.update_group(*args, *rest, torch.cuda.current_stream(dev).cuda_stream)
+    else:
+        outs, _ranks, status = mod.update_group(*args, *rest, **{**CPU_OPTIONS, **options})
+    return [FusedResult(*out, finite=True) if st == 0 else reference_update(item, lr, tau, min_rank)
+            for item, out, st in zip(group, outs, status)]
+
+
+def update_layers(items: list[LayerStep], lr: float, tau: float, min_rank: int, backend: str = "auto") -> list[LayerResult]:
+    """One param group's layer updates; ``backend`` is 'auto', 'reference', 'cpu' or 'cuda'."""
+    check_backend(backend)
+    results: list = [None] * len(items)
+    groups: dict = {}
+    for i, item in enumerate(items):
+        name = _route(item, backend)
+        if name is None:
+            results[i] = reference_update(item, lr, tau, min_rank)
+            continue
+        key = (name, tuple(item.U.shape), tuple(item.V.shape), item.U.dtype, item.U.device, _augment(item))
+        groups.setdefault(key, []).append(i)
+    for key, idx in groups.items():
+        for i, res in zip(idx, run_group(key[0], [items[i] for i in idx], lr, tau, min_rank)):
+            results[i] = res
+    return results
+
+
+def finite_flags(results: list[LayerResult]) -> list[bool]:
+    """Whether each result's S is finite: fused results already know; the others cost one sync per device."""
+    flags = [r.finite if isinstance(r, FusedResult) else None for r in results]
+    by_device: dict = {}
+    for i, f in enumerate(flags):
+        if f is None:
+            by_device.setdefault(results[i].S.device, []).append(i)
+    for idx in by_device.values():
+        ok = torch.stack([torch.isfinite(results[i].S).all() for i in idx]).tolist()
+        for i, v in zip(idx, ok):
+            flags[i] = bool(v)
+    return flags
