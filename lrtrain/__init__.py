@@ -3,9 +3,10 @@
 Factorized layers (W = U S Vᵀ), model conversion, and DLRT, a rank-adaptive drop-in optimizer.
 """
 from .convert import Summary, densify, lowrank, summary
+from .collapse import CollapseMonitor
 from .layers import LowRankConv2d, LowRankLinear
 from .optim import DLRT
 
 __version__ = "0.1.0"
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "lowrank", "densify", "summary", "Summary", "DLRT", "__version__"]
+__all__ = ["LowRankLinear", "LowRankConv2d", "lowrank", "densify", "summary", "Summary", "DLRT", "CollapseMonitor", "__version__"]
