@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "bench")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,135 @@
+"""lrtrain.benchmarking on tiny sizes: the FLOP-ideal formula, the memory tracker, the step cases and
+the report written by ``lrtrain bench`` (speed targets live in benchmarks/, never here)."""
+import json
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from lrtrain import LowRankLinear
+from lrtrain import benchmarking as B
+from lrtrain.cli import main
+from lrtrain.models import mlp
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops with 2 threads crawl when other processes load the cores; nothing here is a timing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("m,n,r", [(64, 64, 8), (48, 80, 5), (96, 32, 16)])
+def test_flop_ideal_is_the_counted_flop_ratio_of_forward_plus_backward(m, n, r):
+    x = torch.randn(16, n)
+    dense = B.LayerCase(nn.Linear(n, m), x.clone(), "dense")
+    low = B.LayerCase(LowRankLinear(n, m, r), x.clone(), "low")
+    assert dense.flops() == 6 * 16 * m * n
+    assert dense.flops() / low.flops() == pytest.approx(B.flop_ideal_speedup(m, n, r), rel=1e-12)
+    assert B.flop_ideal_speedup(4096, 4096, 256) == pytest.approx(4096 ** 2 / (256 * 8192 + 256 ** 2))
+    with pytest.raises(ValueError):
+        B.flop_ideal_speedup(8, 8, 0)
+
+
+def test_conv_block_case_factorizes_both_convolutions_and_saves_flops():
+    dense = B.conv_block_case(None, channels=(8, 16, 16), hw=6, batch=2)
+    low = B.conv_block_case(4, channels=(8, 16, 16), hw=6, batch=2)
+    assert sum(type(m).__name__ == "LowRankConv2d" for m in low.module.modules()) == 2
+    low()
+    assert all(p.grad is not None for p in low.params) and low.x.grad is not None
+    # per output position (P = 2·6·6 of them) dense 3mn MACs per conv; factorized 3r(m+n) + 2r² (G_S and
+    # g_t S), plus U·S (m r²) once per conv; (m, n) = (16, 8·9) and (16, 16·9), r = 4
+    P, r = 72, 4
+    dense_macs = P * sum(3 * m * n for m, n in [(16, 72), (16, 144)])
+    low_macs = sum(P * (3 * r * (m + n) + 2 * r * r) + m * r * r for m, n in [(16, 72), (16, 144)])
+    assert dense.flops() / low.flops() == pytest.approx(dense_macs / low_macs, rel=1e-12)
+
+
+def test_memory_tracker_counts_live_storages_and_their_peak():
+    mib = 2 ** 20
+    with B.TensorMemoryTracker() as t:
+        a = torch.ones(mib // 4)  # 1 MiB of float32
+        b = torch.ones(mib // 2)  # 2 MiB
+        view = b[:10]  # same storage: no new bytes
+        del a
+        c = torch.zeros(mib // 8)  # 0.5 MiB while 2 MiB is live
+        assert t.current == 2.5 * mib
+    assert t.peak == 3 * mib
+    del b, view, c
+    assert t.current == 0
+
+
+def test_profile_step_memory_parts_of_a_dense_adamw_step():
+    torch.manual_seed(0)
+    model = mlp(20, [32], 5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
+    prof = B.profile_step_memory(model, opt, x, y)
+    n_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert prof.parameters == n_bytes and prof.gradients == n_bytes
+    # exp_avg + exp_avg_sq per parameter, plus torch's float32 'step' scalar per parameter
+    assert prof.optimizer_state == 2 * n_bytes + 4 * len(list(model.parameters()))
+    # saved for backward: at least the input and the hidden ReLU output
+    assert prof.activations >= x.numel() * 4 + 8 * 32 * 4
+    assert prof.peak >= prof.parameters + prof.gradients + prof.optimizer_state
+
+
+def test_step_cases_keep_the_rank_and_lrtrain_uses_less_memory():
+    methods = {m.key: m for m in B.available_methods()}
+    dense = B.step_case(methods["dense"], hidden=(256, 256), rank=8, batch=16)
+    low = B.step_case(methods["lrtrain"], hidden=(256, 256), rank=8, batch=16)
+    for _ in range(3):
+        low.train_step()
+    assert {m.rank for m in low.model.modules() if hasattr(m, "rank")} == {8}
+    p_dense = B.profile_step_memory(dense.model, dense.opt, dense.x, dense.y)
+    p_low = B.profile_step_memory(low.model, low.opt, low.x, low.y)
+    assert p_low.peak < 0.5 * p_dense.peak
+
+
+def test_galore_refresh_recomputes_the_projectors():
+    if not B.galore_status()[0]:
+        pytest.skip(B.galore_status()[1])
+    case = B.step_case(B.Method("galore", "GaLoreAdamW"), hidden=(64, 64), rank=4, batch=8)
+    projectors = [st["projector"] for st in case.opt.state.values() if "projector" in st]
+    assert len(projectors) == 2  # the two 64-wide hidden weights (the 64 -> 10 output layer stays dense)
+    before = [p.ortho_matrix for p in projectors]
+    case.train_step()
+    assert all(p.ortho_matrix is b for p, b in zip(projectors, before))  # steady step: same projector
+    case.refresh_setup()
+    case.step()
+    assert all(p.ortho_matrix is not b for p, b in zip(projectors, before))
+
+
+def test_bench_command_writes_report_with_tables_targets_and_plots(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--data", "digits", "--sizes", "64", "--ranks", "4", "8",
+                 "--layer-batch", "16", "--conv-ranks", "4", "--conv-hw", "4", "--conv-batch", "1", "--step-ranks", "4", "--hidden", "32", "32",
+                 "--epochs", "1", "--rank", "8", "--min-time", "0.01", "--probes", "1"]) == 0
+    md = (out / "bench.md").read_text()
+    assert "AMD" in md or "Intel" in md or "CPU:" in md
+    assert f"torch {torch.__version__}" in md
+    assert "lrtrain bench --out" in md and "--sizes 64 --ranks 4 8" in md
+    rows = re.findall(r"^\| 64 \| (\d+) \| [\d.]+ \| [\d.]+ \| ([\d.]+)x \| ([\d.]+)x \| \d+% \|$", md, re.M)
+    assert [int(r[0]) for r in rows] == [4, 8]
+    for r, _, ideal in rows:
+        assert float(ideal) == pytest.approx(B.flop_ideal_speedup(64, 64, int(r)), abs=0.006)
+    labels = [m.label + (" τ=0.12" if m.is_lrtrain else "") for m in B.available_methods()]
+    e2e = re.findall(r"^\| ([^|]+?) \| ([\d.]+) \| [\d.]+x \| ([\d.]+) \| ([\d,]+) \| ([\d.]+) \|", md, re.M)
+    assert [r[0] for r in e2e] == labels
+    assert all(0 <= float(r[2]) <= 100 for r in e2e)
+    params = {r[0]: int(r[3].replace(",", "")) for r in e2e}
+    assert params["dense AdamW"] == sum(p.numel() for p in mlp(64, [32, 32], 10).parameters())
+    assert "| layer fwd+bwd 4096², r=256, CPU: speedup / FLOP-ideal | - | >= 60% | not measured |" in md
+    assert len(re.findall(r"\| (met|MISSED) \|", md)) >= 2
+    data = json.loads((out / "bench.json").read_text())
+    assert {r["method"] for r in data["e2e"]} == set(labels)
+    assert all(math.isfinite(r["train_wall_s"]) and r["memory"]["peak"] > 0 for r in data["e2e"])
+    for name in ("speedup", "accuracy", "ranks"):
+        assert (out / f"bench_{name}.png").read_bytes()[:8] == PNG
+    assert "report:" in capsys.readouterr().out
