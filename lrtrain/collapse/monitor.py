@@ -24,15 +24,19 @@ O(rows × width × K) for NC1):
 
 * forward hook: class counts and sums, TCV_b (centred on the batch's class means, no cancellation),
   merged into float64 running class statistics (:class:`~lrtrain.collapse.stats.ClassStats`: pooled TCV,
-  BCV, ν = TCV/(TCV+BCV)); the batch's NC1 = tr(Σ_W Σ_B⁺)/K; ‖X‖_F²;
+  BCV, ν = TCV/(TCV+BCV)); the batch's NC1 = tr(Σ_W Σ_B⁺)/K (every ``nc1``-th batch);
 * output-gradient hook (a tensor hook on the layer output, registered only when it requires grad, so
   ``torch.no_grad`` evaluation records the forward statistics only): ‖G‖₂
   (:class:`~lrtrain.collapse.spectral.SpectralNorm`);
+* factorized layers: the class sums of the output gradients Σ_{j∈c} g_j (K × m), which with the class
+  means of the inputs span the rank-K term (used by the guide to choose augmentation directions);
 * post-accumulate-grad hooks on the weight: dense layers ‖G_W‖_F², ⟨G_W, W⟩, ‖W‖_F² from ``weight.grad``
   (so ‖R‖_F is exact: ‖R‖² = ‖G_W‖² + 2λ⟨G_W, W⟩ + λ²‖W‖²); factorized layers (DLRT gradients, see
-  :mod:`lrtrain.layers.factors`: U.grad = G_W V, V.grad = G_Wᵀ U, S.grad = Uᵀ G_W V) the tangent part
-  ‖G_K‖² + ‖G_L‖² − ‖G_S‖² exactly plus the bound ‖(I−UUᵀ) G_W (I−VVᵀ)‖_F ≤ ‖G‖₂ ‖X‖_F for the part
-  they do not see, so ‖R‖_F is an upper bound there (``residual_exact`` is False) and B stays a bound.
+  :mod:`lrtrain.layers.factors`: U.grad = G_W V, V.grad = G_Wᵀ U, S.grad = Uᵀ G_W V): ⟨G_W, W⟩ = ⟨G_S, S⟩,
+  ‖W‖ = ‖S‖, and ‖G_W‖_F² exactly from X and G in the output-gradient hook (``exact_residual=True``, the
+  default: ⟨XXᵀ, GGᵀ⟩, no m × n matrix), or with ``exact_residual=False`` the tangent part
+  ‖G_K‖² + ‖G_L‖² − ‖G_S‖² plus the bound ‖(I−UUᵀ) G_W (I−VVᵀ)‖_F ≤ ‖G‖₂ ‖X‖_F for the part the factor
+  gradients do not see (‖R‖_F then over-estimated, B still a bound; ``residual_exact`` False).
   ``.grad`` is read as accumulated: zero the gradients every batch.
 
 Running values are averages over the batches since :meth:`CollapseMonitor.reset` (pooled for the
@@ -99,7 +103,7 @@ class _Record:
     """What one layer measured on one batch (no embeddings: K × d class sums, K × K NC1 terms, scalars)."""
 
     __slots__ = ("bid", "n", "rows", "counts", "sums", "tcv", "x_fro2", "nc1_A", "nc1_G", "gspec", "pieces", "grad",
-                 "done")
+                 "done", "X", "dev", "onehot", "gsums", "gw2", "wc2")
 
     def __init__(self, bid, n, rows, counts, sums, tcv, x_fro2, nc1_A, nc1_G):
         self.bid, self.n, self.rows, self.counts, self.sums = bid, n, rows, counts, sums
@@ -108,6 +112,12 @@ class _Record:
         self.pieces: dict = {}
         self.grad = None  # (‖G_W‖² or its tangent part, ⟨G_W, W⟩, ‖W‖²) once all weight gradients are in
         self.done = False
+        self.X = None  # factorized + exact residual: the batch's embedding, held only until its backward hook
+        self.onehot = None  # (rows, K) labels of the rows (shared, cached per batch)
+        self.gsums = None  # (K, m) class sums of the output gradients, Σ_{j∈c} g_j
+        self.gw2 = None  # factorized + exact residual: ‖G_W‖_F² of this batch
+        self.dev = None  # factorized + exact residual: X − μ_{c(j)}, held until the backward hook
+        self.wc2 = None  # factorized + exact residual: ‖Σ_j g_j (x_j − μ_{c(j)})ᵀ‖_F² (≤ E²)
 
 
 def _batch_values(gspec, tcv, x_fro2, n, grad, lam):
@@ -126,6 +136,20 @@ def _batch_values(gspec, tcv, x_fro2, n, grad, lam):
     return out
 
 
+def _data_grad_sq(X: torch.Tensor, D: torch.Tensor, G: torch.Tensor):
+    """(‖GᵀX‖_F², ‖GᵀD‖_F²) for X, D (rows, n), G (rows, m): ‖G_W‖_F² and the squared norm of the
+    within-class part of G_W (D = X − class means), by the cheaper of ⟨XXᵀ, GGᵀ⟩ (rows²·(m+n)) and
+    forming GᵀX (rows·m·n); float32 or wider."""
+    dt = torch.promote_types(X.dtype, torch.float32)
+    X, D, G = X.to(dt), D.to(dt), G.to(dt)
+    rows, n = X.shape
+    m = G.shape[1]
+    if rows * (m + 2 * n) <= 2 * m * n:
+        GG = G @ G.mT
+        return ((X @ X.mT) * GG).sum(), ((D @ D.mT) * GG).sum()
+    return (G.mT @ X).square().sum(), (G.mT @ D).square().sum()
+
+
 class _Layer:
     def __init__(self, monitor, name: str, module: nn.Module):
         self.monitor, self.name, self.module = monitor, name, module
@@ -139,7 +163,7 @@ class _Layer:
         self.roles = ("U", "S", "V") if self.factorized else ("weight",)
         self.record: _Record | None = None
         self.reset()
-        self.guide_counts = {"certified": 0, "within": 0, "plain": 0, "no_data": 0}
+        self.guide_counts = {"certified": 0, "class": 0, "plain": 0, "no_data": 0}
         self.handles = [module.register_forward_hook(self._make_forward(monitor))]
         for role in self.roles:
             p = getattr(module, role)
@@ -184,19 +208,22 @@ class _Layer:
             flat = dev.reshape(-1)
             tcv = flat @ flat
             A = G = None
-            if monitor.nc1:
+            if monitor.nc1 and self.batches % monitor.nc1 == 0:
                 A, G = nc1_terms(dev, means, counts)
             x_fro2 = None
-            if self.factorized:
+            backward = isinstance(output, torch.Tensor) and output.requires_grad
+            if self.factorized and not monitor.exact_residual:
                 xf = X.reshape(-1)
                 x_fro2 = xf @ xf
             self._finish()
-            self.record = _Record(monitor._bid, lab.shape[0], X.shape[0], counts, sums, tcv, x_fro2, A, G)
+            self.record = rec = _Record(monitor._bid, lab.shape[0], X.shape[0], counts, sums, tcv, x_fro2, A, G)
+            rec.onehot = onehot
+            if backward and self.factorized and monitor.exact_residual:
+                rec.X, rec.dev = X, dev  # dropped in _on_grad (autograd keeps X for the backward anyway)
             self.batches += 1
             self.samples += lab.shape[0]
             self.rows += X.shape[0]
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                rec = self.record
+            if backward:
                 output.register_hook(lambda g: self._on_grad(g, rec))
 
         return hook
@@ -205,6 +232,12 @@ class _Layer:
         g = g.detach()
         G = g.movedim(1, -1).reshape(-1, g.shape[1]) if self.kind == "conv" else g.reshape(-1, g.shape[-1])
         rec.gspec = self.spectral(G)
+        if self.factorized and rec.onehot is not None and rec.onehot.shape[0] == G.shape[0]:
+            rec.gsums = rec.onehot.to(G.dtype).mT @ G  # (K, m): the column space of the rank-K term (guide)
+        X, dev, rec.X, rec.dev = rec.X, rec.dev, None, None
+        if X is not None:
+            rec.gw2, rec.wc2 = _data_grad_sq(X, dev, G)
+            self._complete(rec)
 
     def _make_param_hook(self, monitor, role: str):
         def hook(p):
@@ -217,15 +250,23 @@ class _Layer:
             else:
                 w = p.detach().reshape(-1)
                 rec.pieces[role] = torch.stack([g @ g, g @ w, w @ w])
-            if len(rec.pieces) == len(self.roles):
-                pc = rec.pieces
-                if self.factorized:  # tangent part of ‖G_W‖²: ‖G_K‖² + ‖G_L‖² − ‖G_S‖²
-                    base = pc["U"] + pc["V"] - pc["S"][0]
-                    rec.grad = torch.stack([base, pc["S"][1], pc["S"][2]]).double()
-                else:
-                    rec.grad = pc["weight"].double()
+            self._complete(rec)
 
         return hook
+
+    def _complete(self, rec: _Record) -> None:
+        """Set ``rec.grad`` once every piece of ‖R‖ is in (weight gradients, and ‖G_W‖² if measured)."""
+        if rec.grad is not None or len(rec.pieces) != len(self.roles):
+            return
+        pc = rec.pieces
+        if not self.factorized:
+            rec.grad = pc["weight"].double()
+        elif self.monitor.exact_residual:  # ‖G_W‖² from the output hook; ⟨G_W, W⟩ = ⟨G_S, S⟩, ‖W‖ = ‖S‖
+            if rec.gw2 is not None:
+                rec.grad = torch.stack([rec.gw2.double(), pc["S"][1].double(), pc["S"][2].double()])
+        else:  # tangent part of ‖G_W‖²: ‖G_K‖² + ‖G_L‖² − ‖G_S‖² (the rest is bounded via ‖G‖₂‖X‖_F)
+            base = pc["U"] + pc["V"] - pc["S"][0]
+            rec.grad = torch.stack([base, pc["S"][1], pc["S"][2]]).double()
 
     # ------------------------------------------------------------------ per-batch values
     def values(self, rec: _Record, lam: float | None) -> dict | None:
@@ -236,7 +277,10 @@ class _Layer:
         xf = rec.x_fro2.to(d) if rec.x_fro2 is not None else torch.zeros((), dtype=d)
         v = _batch_values(rec.gspec.to(d)[None], rec.tcv.to(d)[None], xf[None],
                           torch.tensor([float(rec.n)], dtype=d), rec.grad[None], lam)
-        return {k: t[0] for k, t in v.items()}
+        out = {k: t[0] for k, t in v.items()}
+        if rec.wc2 is not None:
+            out["within_exact"] = rec.wc2.to(d).clamp_min(0).sqrt()
+        return out
 
     def _finish(self):
         """Queue the current batch record for the running statistics (once)."""
@@ -244,6 +288,7 @@ class _Layer:
         if rec is None or rec.done:
             return
         rec.done = True
+        rec.X = rec.dev = rec.onehot = None  # a forward pass whose backward never came must not pin its input
         self.pending.append(rec)
         if len(self.pending) >= 64:
             self.flush()
@@ -295,21 +340,27 @@ class CollapseMonitor:
             :meth:`summary`; None: taken from the optimizer's param group the first time DLRT calls
             :meth:`adjust` (bound reported as NaN until known).
         layers: optional qualified module names to watch (default: all supported layers).
-        nc1: also compute NC1 (O(rows × width × K) per batch).
+        nc1: compute NC1 on every ``nc1``-th recorded batch of each layer (True or 1: every batch; False or
+            0: never; default 4 — it is a secondary metric, and its K × K float64 work is a large part of
+            the monitor's cost on small layers). The reported NC1 is the average over those batches.
         every: measure every ``every``-th labelled batch (1: all) — the running averages stay unbiased
             and the overhead drops by that factor.
         spectral: "power" (warm-started power iteration, the default) or "exact" (small Gram + eigvalsh)
             for ‖G‖₂; power_iters, power_block: its iterations and block size
             (see :mod:`lrtrain.collapse.spectral` for cost and measured accuracy).
         guide: the rank rule used by :meth:`adjust` (default ``CollapseGuide(num_classes)``).
+        exact_residual: factorized layers only (dense layers are always exact). True (default): ‖G_W‖_F² of
+            the batch exactly, as ⟨XXᵀ, GGᵀ⟩ (O(rows²·(m+n))) or ‖GᵀX‖² (O(rows·m·n)), whichever is cheaper,
+            in the output-gradient hook (the input x is held until then; autograd holds it anyway).
+            False: the cheaper tangent part plus the bound ‖G‖₂‖X‖_F for the rest (‖R‖_F, B over-estimated).
 
     Use ``opt = lrtrain.DLRT(..., guide=monitor)`` to let the measured bound steer the ranks
     (:mod:`lrtrain.rank.guided`). ``monitor.remove()`` detaches every hook.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, weight_decay: float | None = None, layers=None,
-                 nc1: bool = True, every: int = 1, spectral: str = "power", power_iters: int = 3, power_block: int = 1,
-                 guide=None):
+                 nc1: int = 4, every: int = 1, spectral: str = "power", power_iters: int = 3, power_block: int = 1,
+                 guide=None, exact_residual: bool = True):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -320,7 +371,10 @@ class CollapseMonitor:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         self.num_classes = num_classes
         self.weight_decay = None if weight_decay is None else float(weight_decay)
-        self.nc1, self.every = bool(nc1), every
+        if not (isinstance(nc1, int) and nc1 >= 0):
+            raise ValueError(f"nc1 must be a bool or an int >= 0, got {nc1!r}")
+        self.nc1, self.every = int(nc1), every
+        self.exact_residual = bool(exact_residual)
         if spectral not in ("power", "exact"):
             raise ValueError(f"spectral must be 'power' or 'exact', got {spectral!r}")
         self.spectral, self.power_iters, self.power_block = spectral, power_iters, power_block
@@ -449,7 +503,7 @@ class CollapseMonitor:
                 tcv=float(st.tcv) if st else nan, bcv=float(st.bcv) if st else nan,
                 ntcv=float(st.ntcv) if st else nan, nc1=avg("nc1", l.n_nc1),
                 grad_norm=avg("grad_norm", nbd), delta_norm=avg("delta_norm", nbd), within=avg("within", nbd),
-                residual=avg("residual", nb), bound=avg("bound", nb), residual_exact=not l.factorized,
+                residual=avg("residual", nb), bound=avg("bound", nb), residual_exact=(not l.factorized) or self.exact_residual,
                 weight_decay=self.weight_decay, last={} if last is None else {k: float(t) for k, t in last.items()},
                 guide=dict(l.guide_counts))
         return out
@@ -484,5 +538,7 @@ class CollapseMonitor:
             return
         v = {k: float(t) for k, t in v.items()}
         v["current"] = rec.bid == self._bid
+        if rec.gsums is not None and v["current"]:  # class directions only from this very batch
+            v["class_dirs"] = (rec.gsums, rec.sums)
         branch = self.guide.apply(item, v, param_group)
-        layer.guide_counts[branch] += 1
+        layer.guide_counts[branch] = layer.guide_counts.get(branch, 0) + 1
