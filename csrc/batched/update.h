@@ -87,6 +87,26 @@ std::pair<Tensor, Tensor> reorthonormalize_batched(const Tensor& Uraw, const Ten
   return {at::bmm(Uraw, Rinv), R};
 }
 
+// The SVD step alone, for the tests and benchmarks: A (L,p,q) → [P (L,p,kk), sigma (L,kk), Q (L,q,kk),
+// rank (L), status (L)] by the Jacobi kernel with the rank rule; columns ≥ rank are zero.
+template <class Backend, class T>
+std::vector<Tensor> jacobi_svd_batched(const Tensor& A, double tau, int64_t min_rank, int64_t max_rank,
+                                       int64_t max_sweeps, void* stream) {
+  at::NoGradGuard no_grad;
+  const int64_t L = A.size(0), p = A.size(1), q = A.size(2), kk = std::min(p, q);
+  Tensor Ac = A.contiguous();
+  auto o = A.options();
+  Tensor P = at::empty({L, p, kk}, o), Q = at::empty({L, q, kk}, o), sig = at::empty({L, kk}, o);
+  Tensor rank = at::empty({L}, o.dtype(at::kInt)), status = at::zeros({L}, o.dtype(at::kInt));
+  Tensor maxr = at::full({L}, max_rank, o.dtype(at::kInt));
+  const size_t stride = (jacobi_smem_bytes<T>(int(p), int(q)) + 255) / 256 * 256;
+  Tensor ws = at::empty({int64_t(stride) * L}, o.dtype(at::kByte));
+  Backend::template svd<T>(kSvdJacobi, Ac.data_ptr<T>(), L, int(p), int(q), maxr.data_ptr<int>(), tau, int(min_rank),
+                           int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(), rank.data_ptr<int>(),
+                           status.data_ptr<int>(), static_cast<char*>(ws.data_ptr()), stride, stream);
+  return {P, sig, Q, rank, status};
+}
+
 // Returns (per layer [U, S, V, R_U, R_V], ranks, statuses). All inputs of one group share shapes.
 template <class Backend, class T>
 std::tuple<std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<int64_t>> fused_update_group(

@@ -70,29 +70,13 @@ GroupResult update_group(const std::vector<Tensor>& U, const std::vector<Tensor>
                                 batched, method);
 }
 
-template <class T>
-std::vector<Tensor> jacobi_t(const Tensor& A, double tau, int64_t min_rank, int64_t max_rank, int64_t max_sweeps) {
-  const int64_t L = A.size(0), p = A.size(1), q = A.size(2), kk = std::min(p, q);
-  Tensor Ac = A.contiguous();
-  auto o = A.options();
-  Tensor P = at::empty({L, p, kk}, o), Q = at::empty({L, q, kk}, o), sig = at::empty({L, kk}, o);
-  Tensor rank = at::empty({L}, o.dtype(at::kInt)), status = at::zeros({L}, o.dtype(at::kInt));
-  Tensor maxr = at::full({L}, max_rank, o.dtype(at::kInt));
-  const size_t stride = (lrtrain::jacobi_smem_bytes<T>(int(p), int(q)) + 255) / 256 * 256;
-  Tensor ws = at::empty({int64_t(stride) * L}, o.dtype(at::kByte));
-  CpuBackend::jacobi<T>(Ac.data_ptr<T>(), L, int(p), int(q), maxr.data_ptr<int>(), tau, int(min_rank),
-                        int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(), rank.data_ptr<int>(),
-                        status.data_ptr<int>(), static_cast<char*>(ws.data_ptr()), stride, nullptr);
-  return {P, sig, Q, rank, status};
-}
-
 // A (L,p,q) → [P (L,p,kk), sigma (L,kk), Q (L,q,kk), rank (L), status (L)]; columns ≥ rank are zero.
 std::vector<Tensor> jacobi_svd(const Tensor& A, double tau, int64_t min_rank, int64_t max_rank, int64_t max_sweeps) {
   TORCH_CHECK(A.dim() == 3 && A.device().is_cpu(), "jacobi_svd: A must be a (L, p, q) CPU tensor");
-  at::NoGradGuard g;
-  if (A.scalar_type() == at::kFloat) return jacobi_t<float>(A, tau, min_rank, max_rank, max_sweeps);
+  if (A.scalar_type() == at::kFloat)
+    return lrtrain::jacobi_svd_batched<CpuBackend, float>(A, tau, min_rank, max_rank, max_sweeps, nullptr);
   TORCH_CHECK(A.scalar_type() == at::kDouble, "jacobi_svd supports float32 and float64");
-  return jacobi_t<double>(A, tau, min_rank, max_rank, max_sweeps);
+  return lrtrain::jacobi_svd_batched<CpuBackend, double>(A, tau, min_rank, max_rank, max_sweeps, nullptr);
 }
 
 }  // namespace

@@ -40,7 +40,8 @@ class DLRT(Optimizer):
             ``"raise"`` (FloatingPointError before anything is updated).
         guide: optional rank guide (e.g. :class:`lrtrain.CollapseMonitor`): before each layer's update
             DLRT calls ``guide.adjust(factor_group, item, param_group)``, which may lower
-            ``item.augment`` (new basis columns per side) and ``item.max_rank`` for that step.
+            ``item.augment`` (new basis columns per side) and ``item.max_rank`` for that step, and replace
+            the augmentation directions ``item.G_K`` / ``item.G_L`` (same shapes; see :mod:`lrtrain.rank.guided`).
         backend: who runs the layer updates: ``"auto"`` (the fused C++/CUDA kernels of
             :mod:`lrtrain.ext` where active for the layer's device, else the reference), ``"reference"``
             (pure PyTorch), ``"cpu"`` or ``"cuda"`` (that fused backend; ValueError if it is not active).
