@@ -216,11 +216,18 @@ def test_update_layers_groups_mixed_layers_and_routes_unsupported_dtypes_to_the_
     items = [make_item(20, 12, 4, torch.float32, 0), make_item(20, 12, 4, torch.float32, 1, augment=2),
              make_item(16, 16, 3, torch.float64, 2), make_item(20, 12, 4, torch.float32, 3),
              make_item(9, 7, 2, torch.bfloat16, 4)]
-    got = ext.update_layers(items, 1e-2, 0.05, 1)
+    got = ext.update_layers(items, 1e-2, 0.05, 1, backend="cpu")
     assert [type(g).__name__ for g in got] == ["FusedResult"] * 4 + ["LayerResult"]
     for item, res in zip(items[:4], got):
         assert_same_update(item, 1e-2, reference_update(item, 1e-2, 0.05, 1), res)
     assert dispatch.finite_flags(got) == [True] * 5
+    # "auto" leaves groups of fewer than MIN_CPU_GROUP layers (here: the lone augment-2 and float64 layers) to the
+    # reference, where they are faster, and fuses the pair of same-shape float32 layers.
+    auto = ext.update_layers(items, 1e-2, 0.05, 1)
+    assert dispatch.MIN_CPU_GROUP == 2
+    assert [type(g).__name__ for g in auto] == ["FusedResult", "LayerResult", "LayerResult", "FusedResult", "LayerResult"]
+    for item, res in zip(items[:4], auto):
+        assert_same_update(item, 1e-2, reference_update(item, 1e-2, 0.05, 1), res)
 
 
 @needs_cpu
