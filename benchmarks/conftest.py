@@ -2,7 +2,8 @@
 
 Sizes can be narrowed for a quick pass with environment variables (defaults are the issue's):
 ``LRTRAIN_BENCH_SIZES`` ("1024,2048,4096"), ``LRTRAIN_BENCH_RANKS`` ("32,64,128,256,512"),
-``LRTRAIN_BENCH_STEP_RANKS`` ("64,128"), ``LRTRAIN_BENCH_EPOCHS`` (5).
+``LRTRAIN_BENCH_STEP_MODELS`` ("1024-1024-1024@256:64 2048-2048-2048@128:64,128"),
+``LRTRAIN_BENCH_EPOCHS`` (1; the full end-to-end comparison is 5).
 A summary (speedup vs FLOP-ideal, end-to-end wall/accuracy/memory) is printed after the run.
 """
 from __future__ import annotations

@@ -82,14 +82,54 @@ def test_profile_step_memory_parts_of_a_dense_adamw_step():
 
 def test_step_cases_keep_the_rank_and_lrtrain_uses_less_memory():
     methods = {m.key: m for m in B.available_methods()}
+    assert list(methods)[:1] == ["dense"] and "lrtrain-reference" in methods
     dense = B.step_case(methods["dense"], hidden=(256, 256), rank=8, batch=16)
-    low = B.step_case(methods["lrtrain"], hidden=(256, 256), rank=8, batch=16)
-    for _ in range(3):
-        low.train_step()
-    assert {m.rank for m in low.model.modules() if hasattr(m, "rank")} == {8}
-    p_dense = B.profile_step_memory(dense.model, dense.opt, dense.x, dense.y)
-    p_low = B.profile_step_memory(low.model, low.opt, low.x, low.y)
-    assert p_low.peak < 0.5 * p_dense.peak
+    for key in [k for k in methods if k.startswith("lrtrain")]:
+        low = B.step_case(methods[key], hidden=(256, 256), rank=8, batch=16)
+        assert low.opt.backend == key.split("-", 1)[1]
+        for _ in range(3):
+            low.train_step()
+        assert {m.rank for m in low.model.modules() if hasattr(m, "rank")} == {8}
+        p_dense = B.profile_step_memory(dense.model, dense.opt, dense.x, dense.y)
+        p_low = B.profile_step_memory(low.model, low.opt, low.x, low.y)
+        assert p_low.peak < 0.5 * p_dense.peak
+
+
+def test_step_model_specs_parse_and_reject_bad_input():
+    sm = B.StepModel.parse("1024-1024-1024@256:64")
+    assert (sm.hidden, sm.batch, sm.ranks, sm.name) == ((1024, 1024, 1024), 256, (64,), "784-1024-1024-1024-10")
+    assert B.StepModel.parse(sm.spec()) == sm
+    for bad in ("1024@256", "1024-x@256:64", "1024@0:64", ""):
+        with pytest.raises(ValueError):
+            B.StepModel.parse(bad)
+
+
+def test_optimizer_sweep_rows_have_ratios_against_dense():
+    methods = [B.DENSE] + B.dlrt_methods()
+    rows = B.optimizer_sweep([B.StepModel((32, 32), 8, (4,))], min_time=0.01, methods=methods, log=None)
+    assert [r["key"] for r in rows] == [m.key for m in methods]
+    dense = rows[0]
+    assert dense["train_vs_dense"] == 1.0 and dense["opt_step_vs_dense"] == 1.0
+    for r in rows[1:]:
+        assert r["ranks"] == [4] and r["model"] == "784-32-32-10"
+        assert r["opt_step_vs_dense"] == pytest.approx(r["opt_step_ms"] / dense["opt_step_ms"])
+
+
+def test_target_checks_compare_against_the_thresholds():
+    res = B.BenchResults(config={}, machine={}, command="")
+    res.layers = [dict(size=4096, rank=256, fraction_of_ideal=0.59, speedup=4.6, ideal=7.76)]
+    mem = lambda peak: dict(peak=peak)  # noqa: E731
+    res.e2e = [dict(key="dense", method="dense AdamW", train_wall_s=100.0, test_accuracy=96.0, memory=mem(100),
+                    epochs=5),
+               dict(key="lrtrain-cpu", method="lrtrain", train_wall_s=60.0, test_accuracy=95.5, memory=mem(50),
+                    epochs=5)]
+    res.optimizer = [dict(model="m", batch=8, rank=4, key="galore", method="GaLoreAdamW", train_step_ms=9.0,
+                          amortized_train_step_ms=10.0),
+                     dict(model="m", batch=8, rank=4, key="lrtrain-cpu", method="lrtrain", train_step_ms=5.0)]
+    status = [t["status"] for t in B.target_checks(res)]
+    assert status == ["MISSED", "met", "met", "met"]  # 59% < 60%; 0.6x at -0.5; 0.5x; 2.0x
+    res.e2e[1]["test_accuracy"] = 95.49
+    assert B.target_checks(res)[1]["status"] == "MISSED"
 
 
 def test_galore_refresh_recomputes_the_projectors():
@@ -98,6 +138,7 @@ def test_galore_refresh_recomputes_the_projectors():
     case = B.step_case(B.Method("galore", "GaLoreAdamW"), hidden=(64, 64), rank=4, batch=8)
     projectors = [st["projector"] for st in case.opt.state.values() if "projector" in st]
     assert len(projectors) == 2  # the two 64-wide hidden weights (the 64 -> 10 output layer stays dense)
+    assert all(p.rank == 4 for p in projectors)
     before = [p.ortho_matrix for p in projectors]
     case.train_step()
     assert all(p.ortho_matrix is b for p, b in zip(projectors, before))  # steady step: same projector
@@ -109,8 +150,9 @@ def test_galore_refresh_recomputes_the_projectors():
 def test_bench_command_writes_report_with_tables_targets_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--out", str(out), "--data", "digits", "--sizes", "64", "--ranks", "4", "8",
-                 "--layer-batch", "16", "--conv-ranks", "4", "--conv-hw", "4", "--conv-batch", "1", "--step-ranks", "4", "--hidden", "32", "32",
-                 "--epochs", "1", "--rank", "8", "--min-time", "0.01", "--probes", "1"]) == 0
+                 "--layer-batch", "16", "--conv-ranks", "4", "--conv-hw", "4", "--conv-batch", "1", "--step-models", "32-32@8:4", "--hidden", "32", "32",
+                 "--epochs", "1", "--rank", "8", "--tau", "0.12", "--taus", "0.3", "--min-time", "0.01",
+                 "--probes", "1"]) == 0
     md = (out / "bench.md").read_text()
     assert "AMD" in md or "Intel" in md or "CPU:" in md
     assert f"torch {torch.__version__}" in md
@@ -119,12 +161,20 @@ def test_bench_command_writes_report_with_tables_targets_and_plots(tmp_path, cap
     assert [int(r[0]) for r in rows] == [4, 8]
     for r, _, ideal in rows:
         assert float(ideal) == pytest.approx(B.flop_ideal_speedup(64, 64, int(r)), abs=0.006)
-    labels = [m.label + (" τ=0.12" if m.is_lrtrain else "") for m in B.available_methods()]
-    e2e = re.findall(r"^\| ([^|]+?) \| ([\d.]+) \| [\d.]+x \| ([\d.]+) \| ([\d,]+) \| ([\d.]+) \|", md, re.M)
+    if not B.galore_status()[0]:
+        assert "GaLoreAdamW not benchmarked" in md
+    labels = [lab for m in B.available_methods()
+              for lab in ([f"{m.label} τ=0.12", f"{m.label} τ=0.3"] if m.is_lrtrain else [m.label])]
+    e2e = re.findall(r"^\| ([^|]+?) \| ([\d.]+) \| [\d.]+x \| ([\d.]+) \| [-+][\d.]+ \| ([\d,]+) \| ([\d.]+) \|",
+                     md, re.M)
     assert [r[0] for r in e2e] == labels
     assert all(0 <= float(r[2]) <= 100 for r in e2e)
     params = {r[0]: int(r[3].replace(",", "")) for r in e2e}
     assert params["dense AdamW"] == sum(p.numel() for p in mlp(64, [32, 32], 10).parameters())
+    steps = re.findall(r"^\| 784-32-32-10 \| 8 \| 4 \| ([^|]+?) \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+ \| ([\d.]+)x \|",
+                       md, re.M)
+    assert [r[0] for r in steps] == [m.label for m in B.available_methods()] and steps[0][1] == "1.00"
+    assert "GPU numbers: not measured, no GPU in this session" in md or torch.cuda.is_available()
     assert "| layer fwd+bwd 4096², r=256, CPU: speedup / FLOP-ideal | - | >= 60% | not measured |" in md
     assert len(re.findall(r"\| (met|MISSED) \|", md)) >= 2
     data = json.loads((out / "bench.json").read_text())
@@ -132,4 +182,20 @@ def test_bench_command_writes_report_with_tables_targets_and_plots(tmp_path, cap
     assert all(math.isfinite(r["train_wall_s"]) and r["memory"]["peak"] > 0 for r in data["e2e"])
     for name in ("speedup", "accuracy", "ranks"):
         assert (out / f"bench_{name}.png").read_bytes()[:8] == PNG
+    again = B.load_results(str(out / "bench.json"))
+    assert again.e2e == data["e2e"] and len(B.make_plots(again, str(tmp_path / "replot"))) == 3
     assert "report:" in capsys.readouterr().out
+
+
+def test_tuning_holds_out_a_validation_split_and_runs_a_config():
+    from lrtrain.benchmarking import tuning
+    from lrtrain.data import load_digits
+
+    data = load_digits()
+    val = tuning.validation_split(data, n_val=200)
+    assert len(val.train_y) == len(data.train_y) - 200 and torch.equal(val.test_x, data.train_x[-200:])
+    assert tuning.parse_config("lrtrain:2e-3:0.1:16") == dict(kind="lrtrain", lr=2e-3, tau=0.1, r0=16)
+    with pytest.raises(ValueError):
+        tuning.parse_config("lrtrain:1e-3:0.1")
+    row = tuning.run_config(tuning.parse_config("lrtrain:1e-3:0.1:8"), val, epochs=1, hidden=(32, 32), batch_size=64)
+    assert len(row["val_acc"]) == 1 and 0 <= row["val_acc"][0] <= 100 and all(1 <= r <= 16 for r in row["final_ranks"])

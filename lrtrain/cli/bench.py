@@ -1,9 +1,11 @@
 """``lrtrain bench``: a quick run of the benchmark suite's measurements, written up as a markdown report.
 
-Layers (nn.Linear vs LowRankLinear, nn.Conv2d vs LowRankConv2d), the training step at the same rank
-(dense AdamW, GaLoreAdamW when galore-torch is installed, lrtrain DLRT), and an end-to-end MLP run;
-writes ``{out}/{name}.md``, ``{name}.json`` and ``{name}_speedup.png``, ``{name}_accuracy.png``,
-``{name}_ranks.png``. The measuring code is :mod:`lrtrain.benchmarking`.
+Layers (nn.Linear vs LowRankLinear with the FLOP-ideal curve, nn.Conv2d vs LowRankConv2d), the training
+and optimizer step at the same rank (dense AdamW, GaLoreAdamW when galore-torch imports, lrtrain DLRT
+reference and fused), and end-to-end MNIST MLP runs; writes ``{out}/{name}.md``, ``{name}.json`` and
+``{name}_speedup.png``, ``{name}_accuracy.png``, ``{name}_ranks.png``. The measuring code is
+:mod:`lrtrain.benchmarking`. The defaults take a few minutes on 2 CPU cores (1 end-to-end epoch); the
+full end-to-end comparison is ``lrtrain bench --only e2e --epochs 5``.
 """
 from __future__ import annotations
 
@@ -13,9 +15,24 @@ import shlex
 
 GROUPS = ("layers", "conv", "optimizer", "e2e")
 DEFAULT_MNIST = os.path.join("..", "shared", "data", "mnist")
+DEFAULT_STEP_MODELS = ["1024-1024-1024@256:64", "2048-2048-2048@128:64,128"]
+_PARSER = None
+
+
+def _step_model(spec: str) -> str:
+    from ..benchmarking.steps import StepModel
+
+    try:
+        StepModel.parse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def add_parser(sub) -> None:
+    from ..benchmarking.e2e import E2ESettings
+
+    s = E2ESettings()
     p = sub.add_parser("bench", help="benchmark lrtrain vs dense training and GaLore; write a report with plots",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="lrtrain_out/bench", help="output directory")
@@ -23,34 +40,37 @@ def add_parser(sub) -> None:
     p.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="groups to run")
     p.add_argument("--data", default="auto",
                    help=f"MNIST-format IDX directory, 'digits', or 'auto' ({DEFAULT_MNIST} if it exists, else digits)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="square layer sizes")
-    p.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="layer ranks")
-    p.add_argument("--layer-batch", type=int, default=512, help="rows per layer forward+backward")
-    p.add_argument("--conv-ranks", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--conv-hw", type=int, default=16, help="conv block input height = width")
-    p.add_argument("--conv-batch", type=int, default=8, help="conv block batch size")
-    p.add_argument("--step-ranks", type=int, nargs="+", default=[64, 128], help="ranks of the training-step group")
-    p.add_argument("--hidden", type=int, nargs="+", default=[2048, 2048, 2048], help="MLP hidden widths")
-    p.add_argument("--batch-size", type=int, default=128, help="MLP batch size (step and end-to-end groups)")
-    p.add_argument("--epochs", type=int, default=1, help="end-to-end epochs")
-    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--rank", type=int, default=128, help="end-to-end: GaLore rank and DLRT initial rank")
-    p.add_argument("--taus", type=float, nargs="+", default=[0.12],
-                   help="end-to-end: DLRT truncation tolerance(s), one lrtrain run each")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--galore-gap", type=int, default=200, help="GaLore update_proj_gap")
-    p.add_argument("--galore-scale", type=float, default=0.25, help="GaLore scale")
+    g = p.add_argument_group("layers and conv")
+    g.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="square layer sizes")
+    g.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="layer ranks")
+    g.add_argument("--layer-batch", type=int, default=512, help="rows per layer forward+backward")
+    g.add_argument("--conv-ranks", type=int, nargs="+", default=[32, 64, 128])
+    g.add_argument("--conv-hw", type=int, default=16, help="conv block input height = width")
+    g.add_argument("--conv-batch", type=int, default=8, help="conv block batch size")
+    g = p.add_argument_group("optimizer step")
+    g.add_argument("--step-models", nargs="+", type=_step_model, default=DEFAULT_STEP_MODELS,
+                   help="MLPs of the step group as HIDDEN@BATCH:RANKS (784 inputs, 10 classes)")
+    g = p.add_argument_group("end to end")
+    g.add_argument("--hidden", type=int, nargs="+", default=list(s.hidden), help="MLP hidden widths")
+    g.add_argument("--batch-size", type=int, default=s.batch_size)
+    g.add_argument("--epochs", type=int, default=1, help="epochs (the full comparison uses 5)")
+    g.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples")
+    g.add_argument("--lr", type=float, default=s.lr, help="dense AdamW and GaLoreAdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=s.weight_decay)
+    g.add_argument("--galore-rank", type=int, default=s.galore_rank)
+    g.add_argument("--galore-gap", type=int, default=s.galore_gap, help="GaLore update_proj_gap")
+    g.add_argument("--galore-scale", type=float, default=s.galore_scale, help="GaLore scale")
+    g.add_argument("--lrtrain-lr", type=float, default=s.lrtrain_lr, help="lrtrain DLRT learning rate")
+    g.add_argument("--rank", type=int, default=s.lrtrain_rank, help="lrtrain DLRT initial rank")
+    g.add_argument("--tau", type=float, default=s.lrtrain_tau, help="lrtrain DLRT truncation tolerance")
+    g.add_argument("--taus", type=float, nargs="+", default=[], help="extra τ values: one more lrtrain run each")
+    g.add_argument("--probes", type=int, default=2, help="memory probes during training (besides one before it)")
+    g.add_argument("--seed", type=int, default=s.seed)
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timed calls per measurement")
-    p.add_argument("--probes", type=int, default=4, help="end-to-end memory probes (besides the one before training)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=run)
     global _PARSER
     _PARSER = p
-
-
-_PARSER = None
 
 
 def _command(args) -> str:
@@ -78,16 +98,25 @@ def _load(spec: str):
     return load_dataset(spec)
 
 
+def config(args):
+    """The :class:`~lrtrain.benchmarking.BenchConfig` of parsed ``args``."""
+    from .. import benchmarking as B
+
+    e2e = B.E2ESettings(hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size,
+                        weight_decay=args.weight_decay, lr=args.lr, galore_rank=args.galore_rank,
+                        galore_gap=args.galore_gap, galore_scale=args.galore_scale, lrtrain_lr=args.lrtrain_lr,
+                        lrtrain_rank=args.rank, lrtrain_tau=args.tau, seed=args.seed, probes=args.probes)
+    return B.BenchConfig(
+        sizes=tuple(args.sizes), ranks=tuple(args.ranks), layer_batch=args.layer_batch,
+        conv_ranks=tuple(args.conv_ranks), conv_hw=args.conv_hw, conv_batch=args.conv_batch,
+        step_models=tuple(B.StepModel.parse(s) for s in args.step_models), e2e=e2e, taus=tuple(args.taus),
+        train_subset=args.train_subset, min_time=args.min_time, groups=tuple(args.only))
+
+
 def run(args) -> int:
     from .. import benchmarking as B
 
-    cfg = B.BenchConfig(
-        sizes=tuple(args.sizes), ranks=tuple(args.ranks), layer_batch=args.layer_batch,
-        conv_ranks=tuple(args.conv_ranks), conv_hw=args.conv_hw, conv_batch=args.conv_batch, step_ranks=tuple(args.step_ranks), hidden=tuple(args.hidden),
-        batch_size=args.batch_size, epochs=args.epochs, train_subset=args.train_subset, rank=args.rank,
-        taus=tuple(args.taus), lr=args.lr, weight_decay=args.weight_decay, galore_gap=args.galore_gap,
-        galore_scale=args.galore_scale, min_time=args.min_time, probes=args.probes, groups=tuple(args.only),
-        seed=args.seed)
+    cfg = config(args)
     data = _load(args.data) if "e2e" in args.only else None
     res = B.run_bench(cfg, data, command=_command(args))
     path = B.write_report(res, args.out, args.name)
@@ -97,7 +126,5 @@ def run(args) -> int:
         print(f"plot:   {p}")
     print()
     for t in B.target_checks(res):
-        v = t["value"]
-        val = "-" if v is None else (f"{v:.0%}" if "%" in t["threshold"] else f"{v:.2f}x")
-        print(f"  [{t['status']}] {t['target']}: {val} (target {t['threshold']})")
+        print(f"  [{t['status']}] {t['target']}: {B.format_target(t)} (target {t['threshold']})")
     return 0
