@@ -150,8 +150,11 @@ class DLRT(Optimizer):
     def _step_group(self, group, layers, plain) -> None:
         rule = make_rule(group["base"])
         lr = group["lr"]
-        # A layer's bias takes the plain base update, but only together with its (finite) factors.
-        plain = plain + [t["bias"] for t in layers if "bias" in t and t["bias"].grad is not None]
+        # A layer's bias takes the plain base update, but only together with its (finite) factors: owner[i] is
+        # the index of the layer whose bias plain[i] is (None for a parameter outside any layer).
+        biased = [j for j, t in enumerate(layers) if "bias" in t and t["bias"].grad is not None]
+        owner = [None] * len(plain) + biased
+        plain = plain + [layers[j]["bias"] for j in biased]
         # Gradient list: plain params, then (K, L, S) of each layer. Decay applies to plain params and S.
         grads = [p.grad for p in plain]
         decay = list(plain)
@@ -163,10 +166,6 @@ class DLRT(Optimizer):
         if not grads:
             return
         dirs, new_states = rule.directions(grads, decay, states, group)
-
-        for p, d, st in zip(plain, dirs, new_states):
-            p.copy_(rule.decayed(p, group).sub(d, alpha=lr))
-            self.state[p].update(st)
 
         offset = len(plain)
         items = []
@@ -191,6 +190,10 @@ class DLRT(Optimizer):
             for role, value in (("U", res.U), ("S", res.S), ("V", res.V)):
                 replace_factor(t[role], value.contiguous())
                 self.state[t[role]].update(new[role])
+        for p, d, st, j in zip(plain, dirs, new_states, owner):
+            if j is None or finite[j]:
+                p.copy_(rule.decayed(p, group).sub(d, alpha=lr))
+                self.state[p].update(st)
 
 
 def _validate_group(g: dict) -> None:
