@@ -29,8 +29,8 @@ from torch import nn
 from ..data import batches
 from ..layers.conv import LowRankConv2d
 from ..layers.factors import FactorizedMixin
-from ..layers.linear import LowRankLinear
 from ..rank.truncation import tolerance_rank
+from .monitor import unmonitored
 from .stats import ClassStats, check_labels, one_hot
 
 __all__ = ["dense_weight", "numerical_rank", "tau_rank", "tail", "full_data_collapse"]
@@ -63,10 +63,7 @@ def tail(sigma: torch.Tensor, k: int) -> float:
 
 
 def _layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d, LowRankLinear, LowRankConv2d))
-            and not (isinstance(m, nn.Conv2d) and (m.groups != 1 or isinstance(m.padding, str)
-                                                   or m.padding_mode != "zeros"))]
+    return [(n, m) for n, m in model.named_modules() if unmonitored(m) is None]
 
 
 def full_data_collapse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,

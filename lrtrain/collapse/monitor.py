@@ -62,6 +62,17 @@ from .stats import ClassStats, check_labels, nc1_from_terms, nc1_terms, one_hot
 __all__ = ["CollapseMonitor", "LayerCollapse"]
 
 
+
+def unmonitored(mod: nn.Module) -> str | None:
+    """Why the collapse measurements do not cover ``mod``; None for a Linear/Conv2d layer (dense or factorized)
+    they do cover (a Conv2d must be ungrouped with numeric zero padding: its unfolded patches are its inputs)."""
+    if not isinstance(mod, (nn.Linear, nn.Conv2d, LowRankLinear, LowRankConv2d)):
+        return "not a Linear / Conv2d layer"
+    if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+        return "grouped / non-zero-padded / string-padded conv"
+    return None
+
+
 @dataclass
 class LayerCollapse:
     """Collapse statistics of one layer (see the module docstring for the definitions).
@@ -393,12 +404,11 @@ class CollapseMonitor:
         for name, mod in model.named_modules():
             if wanted is not None and name not in wanted:
                 continue
-            if isinstance(mod, (LowRankLinear, nn.Linear, LowRankConv2d, nn.Conv2d)):
-                if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros"
-                                                   or isinstance(mod.padding, str)):
-                    self.skipped.append((name, "grouped / non-zero-padded / string-padded conv"))
-                    continue
+            reason = unmonitored(mod)
+            if reason is None:
                 self._layers[name] = _Layer(self, name, mod)
+            elif isinstance(mod, nn.Conv2d):
+                self.skipped.append((name, reason))
         if wanted is not None and wanted - set(self._layers):
             raise ValueError(f"layers: no supported Linear/Conv2d layer named {sorted(wanted - set(self._layers))}")
         if not self._layers:
