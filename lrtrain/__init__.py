@@ -2,7 +2,7 @@
 
 Factorized layers (W = U S Vᵀ), model conversion, and DLRT, a rank-adaptive drop-in optimizer.
 """
-from .convert import Summary, densify, lowrank, summary
+from .convert import Summary, active_parameters, densify, lowrank, summary
 from .collapse import CollapseMonitor
 from .layers import LowRankConv2d, LowRankLinear
 from .optim import DLRT

@@ -10,22 +10,24 @@ from torch import nn
 from .layers import LowRankConv2d, LowRankLinear
 from .layers.factors import FactorizedMixin
 
-__all__ = ["lowrank", "densify", "summary", "Summary"]
+__all__ = ["lowrank", "densify", "summary", "Summary", "active_parameters"]
 
 
 @dataclass
 class Summary:
     """What a conversion did: per converted layer its name, shape and rank; parameter counts."""
 
-    layers: list = field(default_factory=list)  # (name, "out x in_flat", rank)
+    layers: list = field(default_factory=list)  # (name, "out x in_flat", rank, capacity)
     skipped: list = field(default_factory=list)  # (name, reason)
-    params_before: int = 0
-    params_after: int = 0
+    params_before: int = 0  # all-dense parameter count
+    params_after: int = 0  # allocated parameters (factors at their capacity)
+    params_active: int = 0  # parameters in use at the current ranks
 
     def __str__(self) -> str:
         lines = [f"lrtrain: {len(self.layers)} layer(s) factorized, parameters {self.params_before:,} -> "
-                 f"{self.params_after:,} ({self.params_after / max(self.params_before, 1):.1%})"]
-        lines += [f"  {n:<40s} {shape:>14s}  rank {r}" for n, shape, r in self.layers]
+                 f"{self.params_active:,} active at the current ranks ({self.params_active / max(self.params_before, 1):.1%}), "
+                 f"{self.params_after:,} allocated ({self.params_after / max(self.params_before, 1):.1%})"]
+        lines += [f"  {n:<40s} {shape:>14s}  rank {r} (capacity {c})" for n, shape, r, c in self.layers]
         lines += [f"  {n:<40s} left dense: {why}" for n, why in self.skipped]
         return "\n".join(lines)
 
@@ -34,13 +36,22 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def active_parameters(model: nn.Module) -> int:
+    """Parameters in use: factorized layers at their active rank, every other parameter whole."""
+    total = _count(model)
+    for m in model.modules():
+        if isinstance(m, FactorizedMixin):
+            total += m.num_parameters_active() - sum(p.numel() for p in m.parameters(recurse=False))
+    return total
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None, include=None, exclude=None,
-            min_features: int = 16, max_rank: int | None = None, inplace: bool = True,
-            verbose: bool = False) -> nn.Module:
+            min_features: int = 16, max_rank: int | None = None, capacity: int | None = None,
+            inplace: bool = True, verbose: bool = False) -> nn.Module:
     """Replace the nn.Linear and nn.Conv2d layers of ``model`` by LowRankLinear / LowRankConv2d.
 
     Each layer is initialized from the truncated SVD of its weight (``from_dense``): rank
@@ -48,7 +59,9 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
     ``include`` / ``exclude``: glob patterns on qualified module names (``"encoder.*.fc1"``).
     Left dense: layers with min(out, in) < ``min_features``, layers where the factorization would not
     save parameters (r(out + in) + r² ≥ out·in), grouped convolutions, and the out_proj of
-    nn.MultiheadAttention (which reads its weight directly). Returns the model (a converted copy if
+    nn.MultiheadAttention (which reads its weight directly). Capacity (allocated width of U, V) per layer:
+    ``capacity`` if given, else ``max_rank`` if given, else min(2·rank, min(out, in)) (each clipped to
+    [rank, min(out, in)]); ``max_rank`` defaults to the capacity. Returns the model (a converted copy if
     ``inplace=False``); ``verbose`` prints :func:`summary`-style report of the conversion.
     """
     if rank is None and tau is None:
@@ -68,20 +81,20 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
             if include is not None and not _matches(name, include) or exclude is not None and _matches(name, exclude):
                 report.skipped.append((name, "excluded by include/exclude"))
                 continue
-            new, why = _convert(child, parent, rank, tau, max_rank, min_features)
+            new, why = _convert(child, parent, rank, tau, max_rank, capacity, min_features)
             if new is not None:
                 setattr(parent, child_name, new)
-                report.layers.append((name, f"{new.U.shape[0]} x {new.V.shape[0]}", new.rank))
+                report.layers.append((name, f"{new.U.shape[0]} x {new.V.shape[0]}", new.rank, new.capacity))
             else:
                 report.skipped.append((name, why))
-    report.params_after = _count(model)
+    report.params_after, report.params_active = _count(model), active_parameters(model)
     model.lrtrain_summary = report
     if verbose:
         print(report)
     return model
 
 
-def _convert(child, parent, rank, tau, max_rank, min_features):
+def _convert(child, parent, rank, tau, max_rank, capacity, min_features):
     """(new layer, None) or (None, why it stays dense) for an nn.Linear / nn.Conv2d ``child``."""
     if isinstance(parent, nn.MultiheadAttention):
         return None, "used by nn.MultiheadAttention"
@@ -95,8 +108,12 @@ def _convert(child, parent, rank, tau, max_rank, min_features):
     if rank is not None and r * (out_f + in_f) + r * r >= out_f * in_f:
         return None, f"rank {r} would not save parameters"
     cls = LowRankLinear if isinstance(child, nn.Linear) else LowRankConv2d
-    mr = None if max_rank is None else max(min(max_rank, out_f, in_f), r)
-    new = cls.from_dense(child, rank=r, tau=tau, max_rank=mr)
+    full = min(out_f, in_f)
+    clip = lambda v: None if v is None else max(min(v, full), r)  # noqa: E731
+    cap, mr = clip(capacity), clip(max_rank)
+    if cap is not None and mr is not None:
+        mr = min(mr, cap)
+    new = cls.from_dense(child, rank=r, tau=tau, max_rank=mr, capacity=cap)
     if new.rank * (out_f + in_f) + new.rank ** 2 >= out_f * in_f:
         return None, f"rank {new.rank} (from tau) would not save parameters"
     return new, None
@@ -115,11 +132,11 @@ def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
 
 def summary(model: nn.Module) -> Summary:
     """Current state of a model: each factorized layer's shape and rank, parameters vs. all-dense."""
-    report = Summary(params_after=_count(model))
+    report = Summary(params_after=_count(model), params_active=active_parameters(model))
     dense = report.params_after
     for name, m in model.named_modules():
         if isinstance(m, FactorizedMixin):
-            report.layers.append((name, f"{m.U.shape[0]} x {m.V.shape[0]}", m.rank))
+            report.layers.append((name, f"{m.U.shape[0]} x {m.V.shape[0]}", m.rank, m.capacity))
             dense += m.num_parameters_dense() - sum(p.numel() for p in m.parameters())
     report.params_before = dense
     return report

@@ -30,8 +30,11 @@ def test_summary_counts_parameters():
     lrtrain.lowrank(model, rank=8)
     s = model.lrtrain_summary
     assert s.params_before == 100 * 80 + 80 + 80 * 10 + 10
-    assert s.params_after == 8 * (80 + 100) + 64 + 80 + 80 * 10 + 10
+    assert s.params_active == 8 * (80 + 100) + 64 + 80 + 80 * 10 + 10  # at rank 8
+    assert s.params_after == 16 * (80 + 100) + 256 + 80 + 80 * 10 + 10  # allocated at capacity 16
+    assert s.params_after == sum(p.numel() for p in model.parameters())
     assert lrtrain.summary(model).params_after == s.params_after
+    assert lrtrain.summary(model).params_active == s.params_active
     assert lrtrain.summary(model).params_before == s.params_before
     assert "1 layer(s) factorized" in str(s)
 

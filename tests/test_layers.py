@@ -12,10 +12,15 @@ f64 = dict(dtype=torch.float64)
 
 
 def _check_factor_grads(layer, G_W):
-    U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
-    torch.testing.assert_close(layer.U.grad, G_W @ V, rtol=1e-10, atol=1e-10)  # G_K
-    torch.testing.assert_close(layer.V.grad, G_W.T @ U, rtol=1e-10, atol=1e-10)  # G_L
-    torch.testing.assert_close(layer.S.grad, U.T @ G_W @ V, rtol=1e-10, atol=1e-10)  # G_S
+    """Full-capacity grads: G_K, G_L, G_S in the active block, exactly zero outside it."""
+    U, S, V = (t.detach() for t in layer.factors())
+    r = layer.rank
+    torch.testing.assert_close(layer.U.grad[:, :r], G_W @ V, rtol=1e-10, atol=1e-10)  # G_K
+    torch.testing.assert_close(layer.V.grad[:, :r], G_W.T @ U, rtol=1e-10, atol=1e-10)  # G_L
+    torch.testing.assert_close(layer.S.grad[:r, :r], U.T @ G_W @ V, rtol=1e-10, atol=1e-10)  # G_S
+    assert layer.capacity > r
+    for g in (layer.U.grad[:, r:], layer.V.grad[:, r:], layer.S.grad[r:], layer.S.grad[:, r:]):
+        assert g.abs().max() == 0
 
 
 def _compare_with_dense(layer, x):
@@ -62,9 +67,12 @@ def test_from_dense_is_the_best_rank_r_approximation():
 
 def test_orthonormal_init_and_variance_matches_nn_linear():
     layer = LowRankLinear(784, 512, 32)
+    assert (layer.rank, layer.capacity, layer.max_rank) == (32, 64, 64)  # default capacity 2·rank
     eye = torch.eye(32)
-    assert torch.linalg.norm(layer.U.T @ layer.U - eye) < 1e-5
-    assert torch.linalg.norm(layer.V.T @ layer.V - eye) < 1e-5
+    U, S, V = layer.factors()
+    assert torch.linalg.norm(U.T @ U - eye) < 1e-5
+    assert torch.linalg.norm(V.T @ V - eye) < 1e-5
+    assert layer.U[:, 32:].abs().max() == 0 and layer.S[32:].abs().max() == 0
     dense_var = 1.0 / (3 * 784)  # nn.Linear: U(-1/sqrt(in), 1/sqrt(in))
     assert abs(layer.dense_weight().var().item() / dense_var - 1) < 0.05
 
@@ -75,22 +83,77 @@ def test_conv_refuses_groups_with_clear_error():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(rank=0), r"rank must be .*\[1, min\(out, in\) = 20\]"),
+    (dict(rank=0), r"rank must be .*\[1, 20\]"),
     (dict(rank=21), r"rank must be"),
-    (dict(rank=5, max_rank=4), r"max_rank must be .*\[rank = 5"),
+    (dict(rank=5, max_rank=4), r"max_rank must be .*\[5, 20\]"),
     (dict(rank=5, max_rank=21), r"max_rank must be"),
+    (dict(rank=5, capacity=4), r"capacity must be .*\[5, 20\]"),
+    (dict(rank=5, capacity=8, max_rank=9), r"max_rank must be .*\[5, 8\]"),
 ])
 def test_bad_rank_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LowRankLinear(20, 30, **kwargs)
 
 
-def test_deepcopy_keeps_factor_links_and_trains():
+def test_deepcopy_is_a_live_layer_that_trains_alone():
     model = nn.Sequential(LowRankLinear(10, 10, 3), nn.ReLU(), LowRankLinear(10, 4, 2))
+    before = [p.detach().clone() for p in model.parameters()]
     clone = copy.deepcopy(model)
-    assert clone[0].U.lrtrain_group is clone[0].S.lrtrain_group is clone[0]._group
-    assert clone[0]._group is not model[0]._group
+    assert clone[0] in lrtrain.layers.live_layers() and clone[0].rank == 3
     opt = lrtrain.DLRT(clone.parameters(), lr=1e-2)
     clone(torch.randn(8, 10)).square().sum().backward()
     opt.step()
-    torch.testing.assert_close(model[0].U, copy.deepcopy(model)[0].U)  # original untouched
+    assert not torch.equal(clone[0].S, before[1])  # the copy was stepped ...
+    for p, b in zip(model.parameters(), before):  # ... and the original is untouched
+        assert torch.equal(p, b)
+
+
+def test_parameters_keep_object_shape_and_storage_through_rank_changes():
+    torch.manual_seed(0)
+    layer = LowRankLinear(30, 40, 12, capacity=16)
+    opt = lrtrain.DLRT(layer.parameters(), lr=0.05, tau=0.3)
+    ident = [(p, p.shape, p.data_ptr()) for p in layer.parameters()]
+    X = torch.randn(64, 30)
+    ranks = set()
+    for _ in range(15):
+        (layer(X) - X[:, :1]).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ranks.add(layer.rank)
+        assert [(p, p.shape, p.data_ptr()) for p in layer.parameters()] == ident
+        r = layer.rank
+        assert layer.U[:, r:].abs().max() == 0 and layer.V[:, r:].abs().max() == 0 and layer.S[r:].abs().max() == 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[layer.U][key].shape == layer.U.shape and opt.state[layer.U][key][:, r:].abs().max() == 0
+    assert len(ranks) >= 3  # the rank really moved
+
+
+def test_weight_property_is_differentiable_with_dlrt_gradients():
+    layer = LowRankLinear(12, 9, 4, **f64)
+    x = torch.randn(5, 12, **f64)
+    g = torch.randn(5, 9, **f64)
+    torch.nn.functional.linear(x, layer.weight, layer.bias).backward(g)  # a module that reads .weight
+    via_weight = [p.grad.clone() for p in (layer.U, layer.S, layer.V)]
+    layer.zero_grad()
+    layer(x).backward(g)
+    for a, b in zip(via_weight, (layer.U.grad, layer.S.grad, layer.V.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    conv = LowRankConv2d(3, 5, 3, 2, **f64)
+    torch.testing.assert_close(conv.weight, conv.to_dense().weight)
+
+
+def test_set_capacity_keeps_the_function_and_retires_old_parameters():
+    layer = LowRankLinear(20, 30, 6, **f64)
+    x = torch.randn(4, 20, **f64)
+    y = layer(x)
+    opt = lrtrain.DLRT(layer.parameters(), lr=1e-2)
+    old_U = layer.U
+    layer.set_capacity(12)
+    assert layer.capacity == 12 and layer.max_rank == 12 and layer.U is not old_U
+    torch.testing.assert_close(layer(x), y)
+    layer(x).sum().backward()
+    with pytest.raises(ValueError, match="set_capacity"):
+        lrtrain.DLRT([old_U, layer.S, layer.V])
+    layer.set_capacity(3)  # below the rank: the best rank-3 approximation
+    assert layer.rank == 3
+    del opt

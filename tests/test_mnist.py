@@ -7,8 +7,10 @@ from lrtrain.train import evaluate, fit
 
 
 def _hidden_params(model):
-    linears = [m for m in model if hasattr(m, "weight") or hasattr(m, "U")]
-    return sum(p.numel() for m in linears[:3] for p in m.parameters())
+    """Parameters of the first three linear layers; factorized ones counted at their active rank."""
+    linears = [m for m in model if isinstance(m, (torch.nn.Linear, lrtrain.LowRankLinear))]
+    return sum(m.num_parameters_active() if isinstance(m, lrtrain.LowRankLinear) else
+               sum(p.numel() for p in m.parameters()) for m in linears[:3])
 
 
 def test_mlp_on_mnist_matches_dense_with_80_percent_fewer_hidden_parameters(mnist):

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from ..convert import active_parameters
 from ..data import Dataset, batches
 from ..models import mlp
 from ..train import evaluate, fit
@@ -91,7 +92,7 @@ class EndToEndRun:
         self.model = method.prepare(mlp(data.in_features, list(s.hidden), data.num_classes), self.opt_args["rank"])
         self.opt = method.optimizer(self.model, **self.opt_args)
         self.setup_s = time.perf_counter() - t0
-        self.params0 = sum(p.numel() for p in self.model.parameters())
+        self.params0 = active_parameters(self.model)
         steps_per_epoch = math.ceil(len(data.train_y) / s.batch_size)
         self.every = max(1, steps_per_epoch * s.epochs // max(s.probes, 1))
         self.profiles: list = []
@@ -139,7 +140,7 @@ class EndToEndRun:
             method=self.label, key=self.method.key, data=d.name, hidden=list(s.hidden), epochs=len(self.epoch_s),
             steps=self.steps, train_wall_s=sum(self.epoch_s), epoch_s=list(self.epoch_s), setup_s=self.setup_s,
             test_accuracy=evaluate(self.model, d.test_x, d.test_y),
-            parameters=sum(p.numel() for p in self.model.parameters()), parameters_initial=self.params0,
+            parameters=active_parameters(self.model), parameters_initial=self.params0,
             final_ranks=final, rank_trajectory=self.ranks if final else [], memory=asdict(worst),
             memory_probes=len(self.profiles),
             config=dict(batch_size=s.batch_size, seed=s.seed, train=len(d.train_y), test=len(d.test_y),

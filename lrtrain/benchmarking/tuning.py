@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from ..convert import active_parameters
 from ..data import Dataset, load_idx
 from ..models import mlp
 from ..train import fit
@@ -60,7 +61,7 @@ def run_config(cfg: dict, data: Dataset, epochs: int = 5, hidden=(2048, 2048, 20
         accs.append(h.test_accuracy)
         secs.append(h.epoch_seconds[0])
     return dict(cfg, epochs=epochs, val_acc=accs, epoch_s=secs, final_ranks=list(layer_ranks(model).values()),
-                params=sum(p.numel() for p in model.parameters()))
+                params=active_parameters(model))
 
 
 def write_markdown(rows: list, path: str, command: str = "") -> str:

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..convert import lowrank
+from ..convert import active_parameters, lowrank
 from ..data import load_dataset
 from ..models import mlp
 from ..optim import DLRT
@@ -57,15 +57,17 @@ def run(args) -> int:
     opt = DLRT(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, tau=args.tau)
     h_lr = fit(model, opt, data, args.epochs, args.batch_size, args.seed, _progress(not args.no_progress, "lrtrain"))
     final = h_lr.ranks[-1]
-    rows["lrtrain DLRT"] = (h_lr, sum(p.numel() for p in model.parameters()), " ".join(str(r) for r in final.values()))
+    rows["lrtrain DLRT"] = (h_lr, active_parameters(model), " ".join(str(r) for r in final.values()))
+    allocated = sum(p.numel() for p in model.parameters())
 
     print(f"\n{data.name}: {len(data.train_y)} train / {len(data.test_y)} test, MLP {data.in_features}-"
           f"{'-'.join(map(str, args.hidden))}-{data.num_classes}, {args.epochs} epochs, "
           f"{torch.get_num_threads()} threads\n")
-    print("| model | test acc. (%) | parameters | final rank per layer | s / epoch |")
+    print("| model | test acc. (%) | parameters (active) | final rank per layer | s / epoch |")
     print("|---|---:|---:|---|---:|")
     for name, (h, n, r) in rows.items():
         print(f"| {name} | {h.test_accuracy:.2f} | {n:,} | {r} | {sum(h.epoch_seconds) / len(h.epoch_seconds):.2f} |")
+    print(f"\nlrtrain: {allocated:,} parameters allocated (factors at their capacity)")
     path = _plot_ranks(h_lr.ranks, args.out)
     if path:
         print(f"\nrank per layer over steps: {path}")

@@ -413,7 +413,7 @@ class CollapseMonitor:
             raise ValueError(f"layers: no supported Linear/Conv2d layer named {sorted(wanted - set(self._layers))}")
         if not self._layers:
             raise ValueError("model has no nn.Linear / nn.Conv2d / LowRankLinear / LowRankConv2d layer to monitor")
-        self._by_group = {id(l.module._group): l for l in self._layers.values() if l.factorized}
+        self._by_module = {id(l.module): l for l in self._layers.values() if l.factorized}
 
     # ------------------------------------------------------------------ labels
     def set_labels(self, y: torch.Tensor) -> None:
@@ -528,14 +528,14 @@ class CollapseMonitor:
         return "\n".join(rows)
 
     # ------------------------------------------------------------------ DLRT guide
-    def adjust(self, factor_group, item, param_group) -> None:
+    def adjust(self, module, item, param_group) -> None:
         """DLRT's guide hook: lower ``item.augment`` / ``item.max_rank`` of this layer's step by the rule
         of :mod:`lrtrain.rank.guided`, from this batch's measurements of the layer (with ``every`` > 1,
         from the latest measured batch, at most ``every - 1`` steps old). Unknown layers or no
         measurement: no change (the plain τ rule)."""
         if not self.enabled:
             return
-        layer = self._by_group.get(id(factor_group))
+        layer = self._by_module.get(id(module))
         if layer is None:
             return
         lam = float(param_group.get("weight_decay", 0.0))

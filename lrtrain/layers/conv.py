@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input, conv2d_weight
 from torch.nn.modules.utils import _pair
 
-from .autograd import core_backward
+from .autograd import active, compute_dtype, core_backward, pad_grads
 from .factors import FactorizedMixin, truncated_svd_factors
 
 __all__ = ["LowRankConv2d"]
@@ -34,41 +34,48 @@ def _unrows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class _LowRankConv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, U, S, V, bias, kernel_size, stride, padding, dilation):
-        r = V.shape[1]
-        filters = V.mT.reshape(r, x.shape[1], *kernel_size)
-        z = F.conv2d(x, filters, None, stride, padding, dilation)
-        y = F.conv2d(z, (U @ S)[:, :, None, None], bias)
-        ctx.save_for_backward(x, z, U, S, V)
-        ctx.conf = (kernel_size, stride, padding, dilation, bias is not None)
+    def forward(ctx, x, U, S, V, bias, k, kernel_size, stride, padding, dilation):
+        dt = compute_dtype(x, U)
+        with torch.autocast(x.device.type, enabled=False):
+            Uk, Sk, Vk = active(U, S, V, k, dt)
+            xc = x.to(dt)
+            filters = Vk.mT.reshape(k, x.shape[1], *kernel_size)
+            z = F.conv2d(xc, filters, None, stride, padding, dilation)
+            y = F.conv2d(z, (Uk @ Sk)[:, :, None, None], None if bias is None else bias.to(dt))
+        ctx.save_for_backward(xc, z, U, S, V)
+        ctx.conf = (k, dt, x.dtype, kernel_size, stride, padding, dilation, bias is not None)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
         x, z, U, S, V = ctx.saved_tensors
-        kernel_size, stride, padding, dilation, has_bias = ctx.conf
-        r = V.shape[1]
-        gt, G_K, G_S, gz = core_backward(_rows(gy), _rows(z), U, S)
-        gt, gz = _unrows(gt, gy), _unrows(gz, gy)
-        fshape = (r, x.shape[1], *kernel_size)
-        G_L = conv2d_weight(x, fshape, gt, stride, padding, dilation).reshape(r, -1).mT
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = conv2d_input(x.shape, V.mT.reshape(fshape), gz, stride, padding, dilation)
-        gb = gy.sum((0, 2, 3)) if has_bias else None
-        return gx, G_K, G_S, G_L, gb, None, None, None, None
+        k, dt, x_dtype, kernel_size, stride, padding, dilation, has_bias = ctx.conf
+        with torch.autocast(gy.device.type, enabled=False):
+            Uk, Sk, Vk = active(U, S, V, k, dt)
+            gy = gy.to(dt)
+            gt, G_K, G_S, gz = core_backward(_rows(gy), _rows(z), Uk, Sk)
+            gt, gz = _unrows(gt, gy), _unrows(gz, gy)
+            fshape = (k, x.shape[1], *kernel_size)
+            G_L = conv2d_weight(x, fshape, gt, stride, padding, dilation).reshape(k, -1).mT
+            gx = None
+            if ctx.needs_input_grad[0]:
+                gx = conv2d_input(x.shape, Vk.mT.reshape(fshape), gz, stride, padding, dilation).to(x_dtype)
+            gb = gy.sum((0, 2, 3)) if has_bias else None
+        gU, gS, gV = pad_grads(U, S, V, k, G_K, G_S, G_L)
+        return gx, gU, gS, gV, gb, None, None, None, None, None
 
 
 class LowRankConv2d(FactorizedMixin, nn.Module):
     """Drop-in for ``nn.Conv2d`` (groups = 1, zero padding) with a rank-r factorized kernel.
 
-    Shapes: input (N, in, H, W) -> (N, out, H', W'); U (out, r), S (r, r), V (in·kh·kw, r).
+    Shapes: input (N, in, H, W) -> (N, out, H', W'); parameters U (out, c), S (c, c), V (in·kh·kw, c) at
+    capacity c, of which the active rank r is used (see :mod:`.factors`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
                  dilation=1, bias: bool = True, max_rank: int | None = None, groups: int = 1,
-                 padding_mode: str = "zeros", device=None, dtype=None):
+                 padding_mode: str = "zeros", device=None, dtype=None, capacity: int | None = None):
         super().__init__()
         if groups != 1:
             raise ValueError(f"groups must be 1 for LowRankConv2d (grouped/depthwise kernels are not factorized), got {groups}")
@@ -80,16 +87,21 @@ class LowRankConv2d(FactorizedMixin, nn.Module):
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        self._init_factors(self.out_channels, fan_in, rank, max_rank, device, dtype)
+        self._init_factors(self.out_channels, fan_in, rank, max_rank, capacity, device, dtype)
         self._init_bias(bias, self.out_channels, fan_in, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self.kernel_size,
-                                            self.stride, self.padding, self.dilation)
+        return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self._rank_probe.shape[0],
+                                            self.kernel_size, self.stride, self.padding, self.dilation)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only dense kernel (out, in, kh, kw) = U S Vᵀ reshaped: see :meth:`dense_weight`."""
+        return self.dense_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, rank: int | None = None, tau: float | None = None,
-                   max_rank: int | None = None) -> "LowRankConv2d":
+                   max_rank: int | None = None, capacity: int | None = None) -> "LowRankConv2d":
         """Truncated SVD of ``layer.weight`` reshaped to out × (in·kh·kw) (see LowRankLinear.from_dense)."""
         if layer.groups != 1:
             raise ValueError(f"groups must be 1 to factorize a Conv2d, got {layer.groups}")
@@ -97,9 +109,9 @@ class LowRankConv2d(FactorizedMixin, nn.Module):
         U, S, V = truncated_svd_factors(w.reshape(w.shape[0], -1), rank, tau)
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, S.shape[0], layer.stride,
                   layer.padding, layer.dilation, layer.bias is not None, max_rank,
-                  padding_mode=layer.padding_mode, device=w.device, dtype=w.dtype)
+                  padding_mode=layer.padding_mode, device=w.device, dtype=w.dtype, capacity=capacity)
         with torch.no_grad():
-            new._set_factors(U, S, V)
+            new.write_factors(U, S, V)
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
         return new
@@ -117,5 +129,4 @@ class LowRankConv2d(FactorizedMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, max_rank={self.max_rank}, "
-                f"bias={self.bias is not None}")
+                f"padding={self.padding}, dilation={self.dilation}, " + super().extra_repr())

@@ -1,155 +1,202 @@
-"""Factor parameters and the machinery shared by every factorized layer.
+"""Fixed-capacity factors and the machinery shared by every factorized layer.
 
-A factorized layer stores W = U S Vᵀ (W: out × in_flat) as three parameters:
-U (out × r) and V (in_flat × r) with orthonormal columns, S (r × r). Each is a :class:`Factor`, an
-``nn.Parameter`` tagged with its role ('U', 'S', 'V', or 'bias' for the layer's bias) and a
-:class:`FactorGroup` shared by the layer's parameters, which is how :class:`lrtrain.DLRT` finds them in
-``model.parameters()`` (and skips the whole layer, bias included, when one of its gradients is non-finite).
+A factorized layer stores W = U S Vᵀ (W: out × in_flat) in three parameters allocated once at a
+*capacity* c: U (out × c), S (c × c), V (in_flat × c), plus its *active rank* r ≤ c. Only the leading
+r columns of U and V and the leading r × r block of S are in use; the rest is kept exactly zero, so
+U S Vᵀ over the whole capacity equals the active product. Parameter objects, shapes, dtypes and storages
+never change while training: :class:`lrtrain.DLRT` writes every update in place and moves r. Changing c
+is the explicit :meth:`FactorizedMixin.set_capacity` (new parameters: rebuild the optimizer).
 
-Gradient convention (DLRT): after ``backward()``, ``U.grad`` holds ∂L/∂K with K = U S (= G_W V),
-``V.grad`` holds ∂L/∂L with L = V Sᵀ (= G_Wᵀ U) and ``S.grad`` holds ∂L/∂S (= Uᵀ G_W V).
+Capacity rule (default): c = ``max_rank`` when given, else min(2·rank, min(out, in_flat)); ``max_rank``
+(the largest rank the optimizer may choose) defaults to c and must be ≤ c.
+
+Where r lives: a plain tensor attribute of shape (r, 0) (its length is r; torch.compile sees it as a
+size, so a rank change costs at most one recompilation into a graph dynamic in r), mirrored in the
+int64 buffer ``active_rank`` that checkpoints carry.
+
+Gradient convention (DLRT): after ``backward()``, ``U.grad[:, :r]`` holds ∂L/∂K with K = U S (= G_W V),
+``V.grad[:, :r]`` holds ∂L/∂L with L = V Sᵀ (= G_Wᵀ U) and ``S.grad[:r, :r]`` holds ∂L/∂S (= Uᵀ G_W V);
+the inactive parts are zero. These are not ∂L/∂U and ∂L/∂V, so any torch optimizer other than
+``lrtrain.DLRT`` refuses factor parameters (:mod:`lrtrain.optim.guard`).
+
+Every live factorized layer is listed in a weak registry (:func:`live_layers`), which is how DLRT finds
+a layer's U, S, V among ``model.parameters()`` even after DDP or FSDP2 re-wrapped the parameters.
 """
 from __future__ import annotations
 
-import copy
 import math
+import weakref
 
 import torch
 from torch import nn
 
-__all__ = ["Factor", "FactorGroup", "FactorizedMixin", "factor_groups", "replace_factor"]
+__all__ = ["FactorizedMixin", "live_layers", "default_capacity", "ROLES", "truncated_svd_factors"]
+
+ROLES = ("U", "S", "V")
+_LIVE: "weakref.WeakSet[FactorizedMixin]" = weakref.WeakSet()
 
 
-class FactorGroup:
-    """Links the U, S, V factors of one layer; carries the layer's rank cap."""
-
-    def __init__(self, max_rank: int):
-        self.max_rank = int(max_rank)
-
-    def __repr__(self) -> str:
-        return f"FactorGroup(max_rank={self.max_rank})"
+def live_layers() -> list:
+    """Every factorized layer alive in this process (models, their deep copies, EMA copies)."""
+    return list(_LIVE)
 
 
-class Factor(nn.Parameter):
-    """A U, S or V parameter of a factorized layer (see module docstring for its gradient)."""
-
-    def __new__(cls, data: torch.Tensor, role: str = "", group: FactorGroup | None = None, requires_grad: bool = True):
-        p = super().__new__(cls, data, requires_grad)
-        p.lrtrain_role = role
-        p.lrtrain_group = group
-        return p
-
-    def __deepcopy__(self, memo):
-        if id(self) in memo:
-            return memo[id(self)]
-        new = type(self)(self.data.clone(memory_format=torch.preserve_format), self.lrtrain_role,
-                         copy.deepcopy(self.lrtrain_group, memo), self.requires_grad)
-        memo[id(self)] = new
-        return new
-
-    def __repr__(self) -> str:
-        return f"Factor[{self.lrtrain_role}] {tuple(self.shape)}"
+def default_capacity(rank: int, full: int, max_rank: int | None = None) -> int:
+    """c = max_rank if given, else min(2·rank, full): room for the rank to double."""
+    return int(max_rank) if max_rank is not None else min(2 * int(rank), full)
 
 
-def replace_factor(p: nn.Parameter, value: torch.Tensor) -> None:
-    """Give parameter ``p`` the data ``value`` (any shape), keeping the same Parameter object.
-
-    Autograd caches a leaf's gradient accumulator together with the shape it had; ``p.data = value``
-    drops that cache only when dtype or device change, so a rank change while the previous step's graph
-    is still referenced (``loss = ...`` in a loop) would make the next backward fail its shape check.
-    Passing through a tensor of another dtype resets it. The stale ``.grad`` (old shape) is dropped.
-    """
-    if p.shape != value.shape:
-        other = torch.float64 if p.dtype != torch.float64 else torch.float32
-        p.data = torch.empty(0, dtype=other, device=p.device)
-    p.data = value
-    p.grad = None
-
-
-def factor_groups(params) -> tuple[dict[int, dict[str, Factor]], list[nn.Parameter]]:
-    """Split ``params`` into factor triples (keyed by id of their group) and the other parameters."""
-    triples: dict[int, dict[str, Factor]] = {}
-    plain: list[nn.Parameter] = []
-    for p in params:
-        role = getattr(p, "lrtrain_role", None)
-        if role:
-            triples.setdefault(id(p.lrtrain_group), {})[role] = p
-        else:
-            plain.append(p)
-    return triples, plain
+def _check_int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+    return value
 
 
 class FactorizedMixin:
     """Shared state and behaviour of LowRankLinear / LowRankConv2d (W viewed as out × in_flat)."""
 
-    U: Factor
-    S: Factor
-    V: Factor
+    U: nn.Parameter
+    S: nn.Parameter
+    V: nn.Parameter
 
-    def _init_factors(self, out_f: int, in_f: int, rank: int, max_rank: int | None,
+    def _init_factors(self, out_f: int, in_f: int, rank: int, max_rank: int | None, capacity: int | None,
                       device=None, dtype=None) -> None:
         full = min(out_f, in_f)
-        if not isinstance(rank, int) or rank < 1 or rank > full:
-            raise ValueError(f"rank must be an int in [1, min(out, in) = {full}], got {rank!r}")
-        if max_rank is None:
-            max_rank = full
-        if not isinstance(max_rank, int) or not rank <= max_rank <= full:
-            raise ValueError(f"max_rank must be an int in [rank = {rank}, min(out, in) = {full}], got {max_rank!r}")
-        self._group = FactorGroup(max_rank)
+        _check_int("rank", rank, 1, full)
+        if capacity is None:
+            capacity = default_capacity(rank, full, None if max_rank is None else _check_int("max_rank", max_rank, rank, full))
+        _check_int("capacity", capacity, rank, full)
+        max_rank = capacity if max_rank is None else _check_int("max_rank", max_rank, rank, capacity)
         kw = dict(device=device, dtype=dtype)
         U = torch.linalg.qr(torch.randn(out_f, rank, **kw))[0]
         V = torch.linalg.qr(torch.randn(in_f, rank, **kw))[0]
         # ‖W‖_F² = r s² = out/3: the same expected energy as nn.Linear's U(-1/√in, 1/√in) init.
         S = torch.eye(rank, **kw) * math.sqrt(out_f / (3.0 * rank))
-        self._set_factors(U, S, V)
+        self._allocate(out_f, in_f, capacity, device, dtype)
+        self._max_rank = max_rank
+        with torch.no_grad():
+            self.write_factors(U, S, V)
+        _LIVE.add(self)
+
+    def _allocate(self, out_f: int, in_f: int, capacity: int, device, dtype) -> None:
+        kw = dict(device=device, dtype=dtype)
+        self.U = nn.Parameter(torch.zeros(out_f, capacity, **kw))
+        self.S = nn.Parameter(torch.zeros(capacity, capacity, **kw))
+        self.V = nn.Parameter(torch.zeros(in_f, capacity, **kw))
+        if "active_rank" not in self._buffers:
+            self.register_buffer("active_rank", torch.zeros((), dtype=torch.int64, device=device))
+        self._rank_probe = torch.empty(0, 0)
 
     def _init_bias(self, enabled: bool, out_f: int, fan_in: int, device=None, dtype=None) -> None:
-        """Bias ~ U(-1/√fan_in, 1/√fan_in) as in nn.Linear / nn.Conv2d, tagged as part of the layer."""
+        """Bias ~ U(-1/√fan_in, 1/√fan_in) as in nn.Linear / nn.Conv2d."""
         if not enabled:
             self.register_parameter("bias", None)
             return
         bound = 1.0 / math.sqrt(fan_in)
-        self.bias = Factor(torch.empty(out_f, device=device, dtype=dtype).uniform_(-bound, bound), "bias", self._group)
+        self.bias = nn.Parameter(torch.empty(out_f, device=device, dtype=dtype).uniform_(-bound, bound))
 
-    def _set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
-        self.U = Factor(U.contiguous(), "U", self._group)
-        self.S = Factor(S.contiguous(), "S", self._group)
-        self.V = Factor(V.contiguous(), "V", self._group)
+    def __setstate__(self, state):  # deepcopy / unpickling: the copy is a live layer too
+        super().__setstate__(state)
+        _LIVE.add(self)
 
+    # ------------------------------------------------------------------ rank and capacity
     @property
     def rank(self) -> int:
-        """Current rank r (the side of S)."""
+        """Active rank r."""
+        return self._rank_probe.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """c: the allocated width of U and V (the side of S)."""
         return self.S.shape[0]
 
     @property
     def max_rank(self) -> int:
-        return self._group.max_rank
+        """The largest rank DLRT may give this layer (≤ capacity)."""
+        return self._max_rank
 
     @max_rank.setter
     def max_rank(self, value: int) -> None:
-        full = min(self.U.shape[0], self.V.shape[0])
-        if not isinstance(value, int) or not 1 <= value <= full:
-            raise ValueError(f"max_rank must be an int in [1, {full}], got {value!r}")
-        self._group.max_rank = value
+        self._max_rank = _check_int("max_rank", value, 1, self.capacity)
 
+    def _set_rank(self, r: int) -> None:
+        self._rank_probe = torch.empty(int(r), 0)
+        self.active_rank.fill_(int(r))
+
+    def factors(self):
+        """Active factors (views): U (out, r), S (r, r), V (in_flat, r)."""
+        r = self.rank
+        return self.U[:, :r], self.S[:r, :r], self.V[:, :r]
+
+    @torch.no_grad()
+    def write_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        """Set the active factors in place (rank k = U.shape[1] ≤ capacity); the rest becomes zero."""
+        k = U.shape[1]
+        if not (1 <= k <= self.capacity and S.shape == (k, k) and V.shape[1] == k):
+            raise ValueError(f"write_factors: need U (out, k), S (k, k), V (in, k) with 1 <= k <= capacity "
+                             f"= {self.capacity}; got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)}")
+        for p, new in ((self.U, U), (self.V, V)):
+            p[:, :k].copy_(new)
+            p[:, k:].zero_()
+        self.S.zero_()
+        self.S[:k, :k].copy_(S)
+        self._set_rank(k)
+
+    def set_capacity(self, capacity: int, max_rank: int | None = None) -> None:
+        """Reallocate U, S, V at ``capacity`` (new Parameter objects: build the optimizer again).
+
+        A capacity below the active rank keeps the best rank-``capacity`` approximation (SVD of S).
+        The old parameters are marked retired: an optimizer still holding them refuses to step.
+        """
+        full = min(self.U.shape[0], self.V.shape[0])
+        _check_int("capacity", capacity, 1, full)
+        U, S, V = (t.detach().clone() for t in self.factors())
+        if capacity < U.shape[1]:
+            P, sig, Qt = torch.linalg.svd(S.double())
+            U, V = U @ P[:, :capacity].to(U.dtype), V @ Qt[:capacity].mT.to(V.dtype)
+            S = torch.diag(sig[:capacity]).to(S.dtype)
+        for p in (self.U, self.S, self.V):
+            p._lrtrain_retired = True
+        self._allocate(self.U.shape[0], self.V.shape[0], capacity, self.U.device, self.U.dtype)
+        self._max_rank = capacity if max_rank is None else _check_int("max_rank", max_rank, 1, capacity)
+        self.write_factors(U, S, V)
+
+    # ------------------------------------------------------------------ dense views
     def dense_weight(self) -> torch.Tensor:
-        """W = U S Vᵀ, shape (out, in_flat). Materializes the dense matrix (for inspection/export)."""
-        return (self.U @ self.S) @ self.V.mT
+        """W = U S Vᵀ, shape (out, in_flat), materialized: O(out·in_flat·r) time, O(out·in_flat) memory.
+
+        Differentiable with DLRT's gradient convention (G_W maps to G_K = G_W V, G_L = G_Wᵀ U,
+        G_S = Uᵀ G_W V), so a module that computes with ``.weight`` trains this layer correctly.
+        """
+        from .autograd import DenseWeightFunction
+
+        return DenseWeightFunction.apply(self.U, self.S, self.V, self.rank)
 
     def num_parameters_dense(self) -> int:
         """Parameters of the equivalent dense layer."""
         return self.U.shape[0] * self.V.shape[0] + (0 if self.bias is None else self.bias.numel())
 
+    def num_parameters_active(self) -> int:
+        """Parameters in use at the active rank: r (out + in_flat + r) + bias."""
+        r = self.rank
+        return r * (self.U.shape[0] + self.V.shape[0] + r) + (0 if self.bias is None else self.bias.numel())
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A checkpoint may hold another rank: resize U, S, V (same objects, so optimizers keep them).
-        for name in ("U", "S", "V"):
-            key = prefix + name
-            p = getattr(self, name)
-            if key in state_dict and state_dict[key].shape != p.shape:
-                replace_factor(p, torch.empty(state_dict[key].shape, dtype=p.dtype, device=p.device))
+        n_err = len(error_msgs)
+        key = prefix + "active_rank"
+        if key in state_dict:
+            r = int(state_dict[key])
+            if not 1 <= r <= self.capacity:
+                error_msgs.append(f"{key}: rank {r} outside [1, capacity = {self.capacity}] of this layer")
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if len(error_msgs) == n_err:
+            self._rank_probe = torch.empty(int(self.active_rank), 0)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, capacity={self.capacity}, max_rank={self.max_rank}, bias={self.bias is not None}"
 
 
 def truncated_svd_factors(W: torch.Tensor, rank: int | None, tau: float | None):

@@ -13,31 +13,37 @@ __all__ = ["LowRankLinear"]
 class LowRankLinear(FactorizedMixin, nn.Module):
     """Drop-in for ``nn.Linear(in_features, out_features)`` with a rank-r factorized weight.
 
-    Shapes: input (*, in_features) -> output (*, out_features); U (out, r), S (r, r), V (in, r).
+    Shapes: input (*, in_features) -> output (*, out_features); parameters U (out, c), S (c, c), V (in, c)
+    at capacity c, of which the active rank r is used (see :mod:`.factors`).
     Cost per sample: r (in + out + r) multiply-adds instead of in · out.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, max_rank: int | None = None,
-                 bias: bool = True, device=None, dtype=None):
+                 bias: bool = True, device=None, dtype=None, capacity: int | None = None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self._init_factors(self.out_features, self.in_features, rank, max_rank, device, dtype)
+        self._init_factors(self.out_features, self.in_features, rank, max_rank, capacity, device, dtype)
         self._init_bias(bias, self.out_features, self.in_features, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return LowRankLinearFunction.apply(x, self.U, self.S, self.V, self.bias)
+        return LowRankLinearFunction.apply(x, self.U, self.S, self.V, self.bias, self._rank_probe.shape[0])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only dense weight U S Vᵀ (out, in): see :meth:`dense_weight` for its cost and gradient."""
+        return self.dense_weight()
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int | None = None, tau: float | None = None,
-                   max_rank: int | None = None) -> "LowRankLinear":
+                   max_rank: int | None = None, capacity: int | None = None) -> "LowRankLinear":
         """Truncated SVD of ``layer.weight``: rank ``rank``, or the smallest rank within relative
-        Frobenius tolerance ``tau`` (both given: the smaller)."""
+        Frobenius tolerance ``tau`` (both given: the smaller); capacity by the default rule."""
         U, S, V = truncated_svd_factors(layer.weight, rank, tau)
         w = layer.weight
         new = cls(layer.in_features, layer.out_features, S.shape[0], max_rank=max_rank,
-                  bias=layer.bias is not None, device=w.device, dtype=w.dtype)
+                  bias=layer.bias is not None, device=w.device, dtype=w.dtype, capacity=capacity)
         with torch.no_grad():
-            new._set_factors(U, S, V)
+            new.write_factors(U, S, V)
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
         return new
@@ -53,5 +59,4 @@ class LowRankLinear(FactorizedMixin, nn.Module):
         return layer
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"max_rank={self.max_rank}, bias={self.bias is not None}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()

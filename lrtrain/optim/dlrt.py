@@ -1,26 +1,34 @@
 """DLRT: a drop-in ``torch.optim.Optimizer`` that trains factorized layers with adaptive rank.
 
-Each step, for every factorized layer in the parameter list (found by its U, S, V :class:`Factor`
-parameters), the base rule (SGD or AdamW, :mod:`.base`) gives directions in the coordinates
-K = U S, L = V Sᵀ and S; the layer update (:mod:`.step`) augments the bases, projects the step onto
-them, truncates by the τ rule and rotates the optimizer state. Other parameters get the plain base
-update. One forward and one backward per step.
+Each step, for every factorized layer in the parameter list (found through the layers, see
+:mod:`.params`), the base rule (SGD or AdamW, :mod:`.base`) gives directions in the coordinates
+K = U S, L = V Sᵀ and S at the layer's active rank r; the layer update (:mod:`.step`) augments the bases,
+projects the step onto them, truncates by the τ rule to a new rank k ≤ max_rank ≤ capacity, and rotates
+the optimizer state. Factors and state are written **in place** into their fixed-capacity buffers
+(leading k columns; the rest zero) and the layer's active rank becomes k. Other parameters get the plain
+base update. One forward and one backward per step.
+
+Distributed: every quantity the step reads (gradients all-reduced by DDP, or full tensors gathered
+from FSDP2 shards; parameters identical on every replica) is the same on every process, and the step is
+a deterministic function of them (no randomness; each layer's update runs in one thread with a fixed
+schedule), so every replica computes the same ranks and factors. Low precision: bfloat16/float16
+parameters are stepped through fp32 master copies kept in the optimizer state. An enclosing
+``torch.autocast`` does not reach the step.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 from torch.optim import Optimizer
 
-from ..layers.factors import factor_groups, replace_factor
-from .base import make_rule
 from ..ext import check_backend, finite_flags, update_layers
+from .base import make_rule
+from .params import LOW_PRECISION, Slot, find_layers, is_dtensor
 from .step import LayerStep, transport_state
 
 __all__ = ["DLRT"]
-
-_ROLES = ("U", "S", "V")
 
 
 class DLRT(Optimizer):
@@ -39,7 +47,7 @@ class DLRT(Optimizer):
         nonfinite: ``"skip"`` (warn, count in ``skipped_steps``, leave that layer untouched) or
             ``"raise"`` (FloatingPointError before anything is updated).
         guide: optional rank guide (e.g. :class:`lrtrain.CollapseMonitor`): before each layer's update
-            DLRT calls ``guide.adjust(factor_group, item, param_group)``, which may lower
+            DLRT calls ``guide.adjust(layer, item, param_group)``, which may lower
             ``item.augment`` (new basis columns per side) and ``item.max_rank`` for that step, and replace
             the augmentation directions ``item.G_K`` / ``item.G_L`` (same shapes; see :mod:`lrtrain.rank.guided`).
         backend: who runs the layer updates: ``"auto"`` (the fused C++/CUDA kernels of
@@ -65,27 +73,39 @@ class DLRT(Optimizer):
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict) -> None:
+        """As in torch.optim, but the group is validated first: a refused group leaves nothing behind."""
         super().add_param_group(param_group)
-        _validate_group(self.param_groups[-1])
-        if getattr(self, "_ready", False):
-            self._check_factors()
+        try:
+            _validate_group(self.param_groups[-1])
+            if getattr(self, "_ready", False):
+                self._check_factors()
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def _check_factors(self) -> None:
-        """Each factorized layer's U, S, V (and bias) must all be present, in one param group."""
-        seen: dict[int, int] = {}
+        """Each factorized layer's U, S, V (and bias) must all be present, in one param group, with the
+        shapes the layer allocated (FSDP1 flat or sharded views are refused)."""
+        group_of = {}
         for gi, g in enumerate(self.param_groups):
-            triples, _ = factor_groups(g["params"])
-            for key, roles in triples.items():
-                if key in seen and seen[key] != gi:
-                    raise ValueError("params: a factorized layer's U, S and V are split across param groups "
-                                     f"{seen[key]} and {gi}; put all three in one group")
-                seen[key] = gi
-        for g in self.param_groups:
-            for roles in factor_groups(g["params"])[0].values():
-                missing = [r for r in _ROLES if r not in roles]
-                if missing:
-                    raise ValueError(f"params: a factorized layer is partly missing (no {', '.join(missing)}); "
-                                     "pass all of U, S and V")
+            for p in g["params"]:
+                if type(p).__name__ == "FlatParameter":
+                    raise ValueError("params: FSDP1 flat parameters hide the factorized layers' U, S, V; wrap the "
+                                     "model with torch.distributed.fsdp.fully_shard (FSDP2) instead")
+                if getattr(p, "_lrtrain_retired", False):
+                    raise ValueError("params: a factor parameter replaced by set_capacity(); build the optimizer "
+                                     "again from model.parameters()")
+                group_of[id(p)] = gi
+        layers, _ = find_layers([p for g in self.param_groups for p in g["params"]])
+        for layer in layers:
+            groups = sorted({group_of[id(getattr(layer, r))] for r in "USV"})
+            if len(groups) > 1:
+                raise ValueError("params: a factorized layer's U, S and V are split across param groups "
+                                 f"{groups}; put all three in one group")
+            c = layer.S.shape[-1]
+            if layer.U.dim() != 2 or layer.S.shape != (c, c) or layer.U.shape[1] != c or layer.V.shape[1] != c:
+                raise ValueError("params: a factorized layer's U, S, V do not have their allocated shapes "
+                                 "(FSDP1 flattens or shards them: use fully_shard, FSDP2)")
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self):
@@ -95,8 +115,18 @@ class DLRT(Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         state_dict = dict(state_dict)
-        self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        skipped = int(state_dict.pop("skipped_steps", 0))
         super().load_state_dict(state_dict)
+        self.skipped_steps = skipped
+        # torch casts loaded state to each parameter's dtype; the fp32 masters and moments of a
+        # bfloat16/float16 parameter stay fp32.
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for idx, p in zip(saved, params):
+            if p.dtype in LOW_PRECISION and idx in state_dict["state"]:
+                for key, v in state_dict["state"][idx].items():
+                    if torch.is_tensor(v) and key != "step":
+                        self.state[p][key] = v.to(device=p.device, copy=True)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -106,37 +136,37 @@ class DLRT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan(g) for g in self.param_groups]
-        self._drop_nonfinite(plans)
-        for group, (layers, plain) in zip(self.param_groups, plans):
-            self._step_group(group, layers, plain)
+        with _autocast_off():
+            plans = [self._plan(g) for g in self.param_groups]
+            self._drop_nonfinite(plans)
+            pending = [self._compute_group(g, *plan) for g, plan in zip(self.param_groups, plans)]
+            if self.nonfinite == "raise" and any(not all(p["finite"]) for p in pending):
+                raise FloatingPointError("DLRT: a layer's update was non-finite (learning rate too large?); "
+                                         "nothing was updated")
+            for p in pending:
+                self._apply_group(p)
         return loss
 
     def _plan(self, group):
-        """(layers, plain): factor triples and plain params of ``group`` that have gradients."""
-        triples, plain = factor_groups(group["params"])
-        layers = [t for t in triples.values() if t["U"].grad is not None]
-        return layers, [p for p in plain if p.grad is not None]
-
-    @staticmethod
-    def _layer_grads(t: dict) -> list:
-        """Gradients of a layer's U, S, V and (if it has one and it has a gradient) its bias."""
-        return [t[r].grad for r in _ROLES] + ([t["bias"].grad] if "bias" in t and t["bias"].grad is not None else [])
+        """(layers, plain): factorized layers and plain params of ``group`` that have gradients."""
+        layers, plain = find_layers(group["params"])
+        return [l for l in layers if l.U.grad is not None], [p for p in plain if p.grad is not None]
 
     def _drop_nonfinite(self, plans) -> None:
         """Remove every layer / param with a non-finite gradient (one host sync for all of them)."""
-        units = [(gi, "layer", t, self._layer_grads(t)) for gi, (ls, _) in enumerate(plans) for t in ls]
-        units += [(gi, "plain", p, [p.grad]) for gi, (_, ps) in enumerate(plans) for p in ps]
+        units = []
+        for gi, (layers, plain) in enumerate(plans):
+            units += [(gi, "layer", l, [g for g in (l.U.grad, l.S.grad, l.V.grad, _grad(l.bias)) if g is not None])
+                      for l in layers]
+            units += [(gi, "plain", p, [p.grad]) for p in plain]
         if not units:
             return
-        grads = [g for u in units for g in u[3]]
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).cpu().tolist()
+        flags = _finite([g for u in units for g in u[3]])
         bad, i = [], 0
         for u in units:
-            ok = all(finite[i:i + len(u[3])])
-            i += len(u[3])
-            if not ok:
+            if not all(flags[i:i + len(u[3])]):
                 bad.append(u)
+            i += len(u[3])
         if not bad:
             return
         if self.nonfinite == "raise":
@@ -147,53 +177,118 @@ class DLRT(Optimizer):
             lst = plans[gi][0] if kind == "layer" else plans[gi][1]
             lst[:] = [o for o in lst if o is not obj]
 
-    def _step_group(self, group, layers, plain) -> None:
+    def _compute_group(self, group, layers, plain) -> dict:
+        """Directions and layer updates of one group; nothing is written yet (see :meth:`_apply_group`)."""
         rule = make_rule(group["base"])
         lr = group["lr"]
-        # A layer's bias takes the plain base update, but only together with its (finite) factors: owner[i] is
-        # the index of the layer whose bias plain[i] is (None for a parameter outside any layer).
-        biased = [j for j, t in enumerate(layers) if "bias" in t and t["bias"].grad is not None]
-        owner = [None] * len(plain) + biased
-        plain = plain + [layers[j]["bias"] for j in biased]
-        # Gradient list: plain params, then (K, L, S) of each layer. Decay applies to plain params and S.
-        grads = [p.grad for p in plain]
-        decay = list(plain)
-        states = [self.state[p] for p in plain]
-        for t in layers:
-            grads += [t["U"].grad, t["V"].grad, t["S"].grad]
-            decay += [None, None, t["S"]]
-            states += [self.state[t["U"]], self.state[t["V"]], self.state[t["S"]]]
-        if not grads:
-            return
-        dirs, new_states = rule.directions(grads, decay, states, group)
+        keys = rule.linear_keys + rule.square_keys
+        # A layer's bias takes the plain base update, but only together with its (finite) factors.
+        owner = [None] * len(plain) + [j for j, l in enumerate(layers) if _grad(l.bias) is not None]
+        plain = plain + [layers[j].bias for j in owner[len(plain):]]
+        pslots = [Slot(p, self.state[p], full=False) for p in plain]
+        pdirs, pstates = rule.directions([s.grad for s in pslots], [s.value for s in pslots],
+                                         [_active_state(s.state, keys, None) for s in pslots], group) if pslots else ([], [])
 
-        offset = len(plain)
+        slots, grads, decay, states = [], [], [], []
+        for l in layers:
+            r = l.rank
+            sU, sS, sV = (Slot(getattr(l, role), self.state[getattr(l, role)], full=True) for role in "USV")
+            slots.append((sU, sS, sV, r))
+            grads += [sU.grad[:, :r], sV.grad[:, :r], sS.grad[:r, :r]]
+            decay += [None, None, sS.value[:r, :r]]
+            states += [_active_state(s.state, keys, r, two) for s, two in ((sU, False), (sV, False), (sS, True))]
+        dirs, new_states = rule.directions(grads, decay, states, group) if layers else ([], [])
+
         items = []
-        for j, t in enumerate(layers):
-            D_K, D_L, D_S = dirs[offset + 3 * j: offset + 3 * j + 3]
-            item = LayerStep(t["U"], rule.decayed(t["S"], group), t["V"], t["U"].grad, t["V"].grad,
-                             D_K, D_L, D_S, t["U"].lrtrain_group.max_rank)
+        for j, (l, (sU, sS, sV, r)) in enumerate(zip(layers, slots)):
+            D_K, D_L, D_S = dirs[3 * j: 3 * j + 3]
+            item = LayerStep(sU.value[:, :r], rule.decayed(sS.value[:r, :r], group), sV.value[:, :r],
+                             grads[3 * j], grads[3 * j + 1], D_K, D_L, D_S, l.max_rank)
             if self.guide is not None:
-                self.guide.adjust(t["U"].lrtrain_group, item, group)
+                self.guide.adjust(l, item, group)
             items.append(item)
-        results = update_layers(items, lr, group["tau"], group["min_rank"], backend=self.backend)
-        finite = finite_flags(results)  # fused results carry it; the rest cost one sync for all layers
-        for j, (t, res) in enumerate(zip(layers, results)):
-            st_K, st_L, st_S = new_states[offset + 3 * j: offset + 3 * j + 3]
-            if not finite[j]:
+        results = update_layers(items, lr, group["tau"], group["min_rank"], backend=self.backend) if items else []
+        return dict(group=group, rule=rule, layers=layers, slots=slots, results=results,
+                    new_states=new_states, finite=finite_flags(results), pslots=pslots, pdirs=pdirs,
+                    pstates=pstates, owner=owner)
+
+    def _apply_group(self, pend: dict) -> None:
+        rule, group = pend["rule"], pend["group"]
+        keys = rule.linear_keys + rule.square_keys
+        for j, (l, (sU, sS, sV, _), res) in enumerate(zip(pend["layers"], pend["slots"], pend["results"])):
+            if not pend["finite"][j]:
                 warnings.warn("DLRT: a layer's update was non-finite (learning rate too large?); step skipped",
                               RuntimeWarning)
                 self.skipped_steps += 1
                 continue
-            new = {"U": st_K, "V": st_L, "S": st_S}
+            k = res.S.shape[0]
+            new = dict(zip("VS", pend["new_states"][3 * j + 1: 3 * j + 3]), U=pend["new_states"][3 * j])
             transport_state(new, res.R_U, res.R_V, rule.linear_keys, rule.square_keys)
-            for role, value in (("U", res.U), ("S", res.S), ("V", res.V)):
-                replace_factor(t[role], value.contiguous())
-                self.state[t[role]].update(new[role])
-        for p, d, st, j in zip(plain, dirs, new_states, owner):
-            if j is None or finite[j]:
-                p.copy_(rule.decayed(p, group).sub(d, alpha=lr))
-                self.state[p].update(st)
+            for s, value, role, two in ((sU, res.U, "U", False), (sS, res.S, "S", True), (sV, res.V, "V", False)):
+                _write_active(s.value, value, k, two)
+                s.commit()
+                for key in keys:
+                    if key in new[role]:
+                        _write_active(s.state.setdefault(key, torch.zeros_like(s.value)), new[role][key], k, two)
+                if "step" in new[role]:
+                    s.state["step"] = new[role]["step"]
+            l._set_rank(k)
+        lr = group["lr"]
+        for s, d, st, j in zip(pend["pslots"], pend["pdirs"], pend["pstates"], pend["owner"]):
+            if j is None or pend["finite"][j]:
+                s.value.copy_(rule.decayed(s.value, group).sub(d, alpha=lr))
+                s.commit()
+                s.state.update(st)
+
+
+def _grad(p):
+    return None if p is None else p.grad
+
+
+def _active_state(state: dict, keys, r: int | None, two_sided: bool = False) -> dict:
+    """The rule's view of a parameter's state: moment buffers cut to the active block (r None: whole)."""
+    out = {}
+    for key in keys:
+        if key in state:
+            buf = state[key]
+            out[key] = buf if r is None else (buf[:r, :r] if two_sided else buf[:, :r])
+    if "step" in state:
+        out["step"] = state["step"]
+    return out
+
+
+def _write_active(buf: torch.Tensor, new: torch.Tensor, k: int, two_sided: bool) -> None:
+    """buf[:, :k] = new, the rest of buf zero (buf[:k, :k] for two-sided S-coordinates)."""
+    if two_sided:
+        buf[:k, :k].copy_(new)
+        buf[k:].zero_()
+        buf[:k, k:].zero_()
+    else:
+        buf[:, :k].copy_(new)
+        buf[:, k:].zero_()
+
+
+def _finite(grads) -> list:
+    """Whether each gradient is finite (max |g|, which never overflows); one host sync."""
+    out: list = [None] * len(grads)
+    local = [i for i, g in enumerate(grads) if not is_dtensor(g)]
+    if local:
+        for i, n in zip(local, torch._foreach_norm([grads[i] for i in local], float("inf"))):
+            out[i] = n
+    for i, g in enumerate(grads):
+        if out[i] is None:  # DTensor shard: the max over all shards
+            out[i] = torch.linalg.vector_norm(g, float("inf")).full_tensor()
+    dev = out[0].device
+    return torch.isfinite(torch.stack([o.float().to(dev) for o in out])).tolist()
+
+
+def _autocast_off():
+    """Disable autocast on CPU (and CUDA where present) for the optimizer step."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
 
 
 def _validate_group(g: dict) -> None:

@@ -1,0 +1,78 @@
+"""How DLRT reads and writes parameters: plain, low precision (fp32 masters) and FSDP2 (DTensor) alike.
+
+* :func:`find_layers` -- the factorized layers whose U, S, V are in a parameter list, found through the
+  layers (:func:`lrtrain.layers.live_layers`), so it works after DDP or FSDP2 re-wrapped the parameters.
+* :class:`Slot` -- one parameter's working value for the step: the parameter itself; its fp32 master copy
+  (kept in the optimizer state under ``"master"``) when the parameter is bfloat16/float16; for a DTensor
+  factor, the full (all-gathered) tensor. ``commit()`` writes the working value back in place: the
+  master into the low-precision parameter, the local shard of a full tensor into the DTensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layers.factors import ROLES, live_layers
+
+__all__ = ["find_layers", "Slot", "is_dtensor", "LOW_PRECISION"]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+def find_layers(params) -> tuple[list, list]:
+    """Split ``params`` into factorized layers (each with all of U, S, V in ``params``; a layer's bias
+    joins it when present) and the other parameters. A layer with only some of U, S, V raises."""
+    params = list(params)
+    ids = {id(p): i for i, p in enumerate(params)}
+    layers, taken = [], set()
+    for layer in live_layers():
+        present = [r for r in ROLES if id(getattr(layer, r)) in ids]
+        if not present:
+            continue
+        if len(present) != len(ROLES):
+            missing = [r for r in ROLES if r not in present]
+            raise ValueError(f"params: a factorized layer is partly missing (no {', '.join(missing)}); pass all of U, S and V")
+        layers.append(layer)
+        taken.update(id(getattr(layer, r)) for r in ROLES)
+        if layer.bias is not None and id(layer.bias) in ids:
+            taken.add(id(layer.bias))
+    layers.sort(key=lambda l: ids[id(l.U)])  # parameter order, not registry order: every replica alike
+    return layers, [p for p in params if id(p) not in taken]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+class Slot:
+    """Working value (``value``) and gradient (``grad``) of parameter ``p`` for one step; see module doc.
+
+    ``full=True`` (factors): DTensors are gathered to full tensors; ``full=False`` (plain parameters):
+    the rule runs on the DTensor itself.
+    """
+
+    def __init__(self, p: torch.nn.Parameter, state: dict, full: bool):
+        self.p, self.state = p, state
+        self.gathered = full and is_dtensor(p)
+        low = p.dtype in LOW_PRECISION
+        if low and "master" not in state:
+            state["master"] = _full(p.detach()).float() if self.gathered else p.detach().float()
+        self.value = state["master"] if low else (_full(p.detach()) if self.gathered else p.detach())
+        g = p.grad
+        g = _full(g) if self.gathered else g
+        self.grad = g.float() if low else g
+
+    def commit(self) -> None:
+        """Write ``value`` (updated in place by the caller) back into the parameter."""
+        p = self.p.detach()
+        if self.gathered:
+            from torch.distributed.tensor import DTensor, Replicate
+
+            mesh = p.device_mesh
+            full = DTensor.from_local(self.value.to(p.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False)
+            p.to_local().copy_(full.redistribute(mesh, p.placements).to_local())
+        elif self.value is not p:
+            p.copy_(self.value)
