@@ -5,7 +5,7 @@ V Vᵀ and the compressed rotations R_U R_Uᵀ, R_V R_Vᵀ, never raw signs), th
 values (1e-5 of the largest in float32), the same weight W = U S Vᵀ, and orthonormal bases.
 CPU variants (all run here): the default schedule (OpenMP over layers, LAPACK SVD), its Jacobi SVD, and
 the CUDA backend's schedule (all layers batched) with LAPACK or with the Jacobi kernel body — the last
-is the CUDA path's arithmetic on one thread. The CUDA backend itself is tested when a GPU is present.
+is the CUDA path's arithmetic on one thread, also run with the CUDA path's device-side rank branch. The CUDA backend itself is tested when a GPU is present.
 ``LRTRAIN_REQUIRE_EXT=cpu`` (set by .ci/run) turns a missing CPU extension into a failure.
 """
 from __future__ import annotations
@@ -37,6 +37,8 @@ CPU_VARIANTS = {
     "openmp-jacobi": {"batched": False, "svd": "jacobi"},
     "batched-lapack": {"batched": True, "svd": "lapack"},
     "batched-jacobi": {"batched": True, "svd": "jacobi"},  # the CUDA schedule and kernel bodies
+    # ... and the CUDA path's device-side rank branch (kHostRanks = false: widths padded from max_rank)
+    "batched-jacobi-device-ranks": {"batched": True, "svd": "jacobi", "host_ranks": False},
 }
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
 SIGMA_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -228,6 +230,101 @@ def test_update_layers_groups_mixed_layers_and_routes_unsupported_dtypes_to_the_
     assert [type(g).__name__ for g in auto] == ["FusedResult", "LayerResult", "LayerResult", "FusedResult", "LayerResult"]
     for item, res in zip(items[:4], auto):
         assert_same_update(item, 1e-2, reference_update(item, 1e-2, 0.05, 1), res)
+
+
+def strided(item: LayerStep, cap: int) -> LayerStep:
+    """The same layer step with every factor a slice of a larger buffer (capacity cap ≥ r columns), as the
+    optimizer's fixed-capacity parameters hand them over: U[:, :r], S[:r, :r], G_K[:, :r], ..."""
+    def embed(x, square=False):
+        buf = torch.full((cap if square else x.shape[0], cap), float("nan"), dtype=x.dtype, device=x.device)
+        view = buf[:x.shape[0], :x.shape[1]]
+        view.copy_(x)
+        return view
+
+    t = [embed(x, square=f in ("S_decayed", "D_S")) for f, x in
+         (("U", item.U), ("S_decayed", item.S_decayed), ("V", item.V), ("G_K", item.G_K), ("G_L", item.G_L),
+          ("D_K", item.D_K), ("D_L", item.D_L), ("D_S", item.D_S))]
+    assert not any(x.is_contiguous() for x in t)
+    return LayerStep(*t, max_rank=item.max_rank, augment=item.augment)
+
+
+def count_calls(monkeypatch):
+    """Record the groups update_layers sends to the compiled modules (list of [layer count, backend])."""
+    calls = []
+    real = dispatch.launch_group
+
+    def wrapped(name, group, *a, **k):
+        calls.append([len(group), name])
+        return real(name, group, *a, **k)
+
+    monkeypatch.setattr(dispatch, "launch_group", wrapped)
+    return calls
+
+
+@needs_cpu
+@pytest.mark.parametrize("augment", [None, 3])
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_cpu_fuses_same_shape_layers_of_different_ranks_in_one_call(monkeypatch, backend, augment):
+    """Layers of one (m, n) at ranks 5, 7, 9, given as column slices of wider buffers, go into ONE call of the
+    default CPU schedule and each equals the reference (float64)."""
+    items = [strided(make_item(40, 30, r, torch.float64, 10 + r, augment=augment), 12) for r in (5, 7, 9)]
+    calls = count_calls(monkeypatch)
+    got = ext.update_layers(items, 1e-2, 0.05, 1, backend=backend)
+    assert calls == [[3, "cpu"]]
+    for item, res in zip(items, got):
+        assert isinstance(res, dispatch.FusedResult)
+        assert_same_update(item, 1e-2, reference_update(item, 1e-2, 0.05, 1), res)
+
+
+@needs_cpu
+@pytest.mark.parametrize("variant", ["batched-jacobi", "batched-jacobi-device-ranks"])
+def test_batched_cpu_schedule_keeps_the_rank_in_the_group_key(monkeypatch, variant):
+    """The batched schedule (the CUDA one) stacks layers: ranks 5, 7, 9 make three calls, 5, 5 one."""
+    monkeypatch.setattr(dispatch, "CPU_OPTIONS", CPU_VARIANTS[variant])
+    items = [strided(make_item(40, 30, r, torch.float64, 20 + i), 12) for i, r in enumerate((5, 7, 9, 5))]
+    calls = count_calls(monkeypatch)
+    got = ext.update_layers(items, 1e-2, 0.05, 1, backend="cpu")
+    assert sorted(calls) == [[1, "cpu"], [1, "cpu"], [2, "cpu"]]
+    for item, res in zip(items, got):
+        assert isinstance(res, dispatch.FusedResult)
+        assert_same_update(item, 1e-2, reference_update(item, 1e-2, 0.05, 1), res)
+
+
+@needs_cpu
+@pytest.mark.parametrize("variant", list(CPU_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_strided_inputs_and_per_layer_max_ranks(variant, dtype):
+    """Column-slice inputs and a different max_rank per layer of one group (the device-rank branch pads to the
+    largest): every layer as the reference, results cut to their own rank."""
+    tau = 0.0
+    items = [strided(make_item(36, 28, 6, dtype, 30 + i, max_rank=mr), 10) for i, mr in enumerate((4, 9, 28))]
+    got = run_variant(variant, items, 3e-2, tau, 1)
+    for item, res in zip(items, got):
+        ref = reference_update(item, 3e-2, tau, 1)
+        assert isinstance(res, dispatch.FusedResult)
+        assert res.S.shape[0] == min(item.max_rank, 12) == ref.S.shape[0]
+        assert_same_update(item, 3e-2, ref, res)
+
+
+@needs_cpu
+def test_device_rank_branch_returns_padded_outputs():
+    """host_ranks=False (the CUDA path's kHostRanks = false on CPU): the module hands back outputs padded to
+    max(max_rank) with zero columns beyond each layer's rank; the ranks are those of the host branch."""
+    from lrtrain.ext import _cpu
+
+    items = [make_item(30, 24, 5, torch.float64, s, max_rank=10) for s in range(3)]
+    args = [[getattr(it, f) for it in items] for f in ("U", "S_decayed", "V", "G_K", "G_L", "D_K", "D_L", "D_S")]
+    rest = ([10] * 3, -1, 3e-2, 0.1, 1, dispatch.MAX_SWEEPS)
+    outs_d, rank_d, st_d = _cpu.update_group(*args, *rest, batched=True, svd="jacobi", host_ranks=False)
+    outs_h, rank_h, st_h = _cpu.update_group(*args, *rest, batched=True, svd="jacobi", host_ranks=True)
+    assert rank_d.dtype == torch.int32 and st_d.tolist() == st_h.tolist() == [0, 0, 0]
+    assert rank_d.tolist() == rank_h.tolist()
+    for (U, S, V, RU, RV), k in zip(outs_d, rank_d.tolist()):
+        assert U.shape == (30, 10) and S.shape == (10, 10) and V.shape == (24, 10) and RU.shape == RV.shape == (5, 10)
+        assert k < 10
+        for X in (U, V, RU, RV):
+            assert (X[:, k:] == 0).all()
+        assert (S[k:] == 0).all() and (S[:, k:] == 0).all()
 
 
 @needs_cpu

@@ -7,9 +7,10 @@
 //   3. Ŝ = P Σ Qᵀ (one-sided Jacobi, or LAPACK on CPU), rank k by the τ rule (on the device) [Backend::svd]
 //   4. U_raw = [U, Q_U] P_k, CholeskyQR: U_new = U_raw R_u⁻¹ (V likewise), S_new = R_u Σ_k R_vᵀ
 //                                                                         [bmm + Backend::reorth]
-// Ranks stay on the device until the end: P_k is P with its columns ≥ k zeroed, so every tensor keeps
-// the padded width kk = min(p, q) and only the final slicing needs k — one device→host copy of the
-// (rank, status) pairs per call, the only synchronization.
+// Ranks stay on the device: P_k is P with its columns ≥ k zeroed, so every tensor keeps a padded width
+// and only the final slicing needs k. fused_update_group synchronizes nothing; the Python dispatcher
+// (lrtrain/ext/dispatch.py) launches every group, then copies all (rank, status) pairs of a device to the
+// host at once — one synchronization per step — and slices each layer's results to its rank.
 //
 // Backend provides the three small-matrix kernels on raw pointers (csrc/cpu/backend.h: OpenMP over
 // layers; csrc/cuda/backend.h: one CUDA block per layer). GEMMs are at::bmm (MKL / cuBLAS).
@@ -107,16 +108,53 @@ std::vector<Tensor> jacobi_svd_batched(const Tensor& A, double tau, int64_t min_
   return {P, sig, Q, rank, status};
 }
 
-// Returns (per layer [U, S, V, R_U, R_V], ranks, statuses). All inputs of one group share shapes.
+// Padded results of one group, on the group's device, nothing synchronized: layer l's update is
+// U[l][:, :k], S[l][:k, :k], V[l][:, :k], R_U[l][:, :k], R_V[l][:, :k] with k = rank[l] (columns ≥ k are
+// zero). The widths are kw ≥ every rank (exactly max(rank) where the ranks live on the host).
+struct GroupTensors {
+  Tensor U, S, V, RU, RV, rank, status;  // (L,m,kw) (L,kw,kw) (L,n,kw) (L,r,kw) (L,r,kw) (L) int (L) int
+  // Per layer [U, S, V, R_U, R_V] (padded views) for the Python binding.
+  std::vector<std::vector<Tensor>> layers() const {
+    std::vector<std::vector<Tensor>> out;
+    const int64_t L = rank.size(0);
+    out.reserve(L);
+    for (int64_t l = 0; l < L; ++l) out.push_back({U[l], S[l], V[l], RU[l], RV[l]});
+    return out;
+  }
+};
+
+// max_ranks (host) as an int tensor on `device`: a plain CPU tensor there, else copied without blocking
+// from pinned memory (the caching host allocator keeps the block alive until the copy is done).
+inline Tensor max_rank_tensor(const std::vector<int64_t>& max_ranks, const at::Device& device) {
+  const int64_t L = int64_t(max_ranks.size());
+  const bool cuda = device.is_cuda();
+  Tensor h = at::empty({L}, at::TensorOptions().dtype(at::kInt).pinned_memory(cuda));
+  int* p = h.data_ptr<int>();
+  for (int64_t l = 0; l < L; ++l) p[l] = int(max_ranks[l]);
+  return cuda ? h.to(device, at::kInt, /*non_blocking=*/true) : h;
+}
+
+// The fused update of L layers of one shape (same m, n, r, dtype, device; inputs may be strided views).
+// augment < 0: r new columns per side, else min(r, augment). Launches everything, synchronizes nothing
+// (on a device backend): the caller reads rank/status back, one copy for all its groups.
 template <class Backend, class T>
-std::tuple<std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<int64_t>> fused_update_group(
-    const std::vector<Tensor>& Us, const std::vector<Tensor>& Ss, const std::vector<Tensor>& Vs,
-    const std::vector<Tensor>& GKs, const std::vector<Tensor>& GLs, const std::vector<Tensor>& DKs,
-    const std::vector<Tensor>& DLs, const std::vector<Tensor>& DSs, const std::vector<int64_t>& max_ranks,
-    int64_t augment, double lr, double tau, int64_t min_rank, int64_t max_sweeps, int svd_method, void* stream) {
+GroupTensors fused_update_group(const std::vector<Tensor>& Us, const std::vector<Tensor>& Ss,
+                                const std::vector<Tensor>& Vs, const std::vector<Tensor>& GKs,
+                                const std::vector<Tensor>& GLs, const std::vector<Tensor>& DKs,
+                                const std::vector<Tensor>& DLs, const std::vector<Tensor>& DSs,
+                                const std::vector<int64_t>& max_ranks, int64_t augment, double lr, double tau,
+                                int64_t min_rank, int64_t max_sweeps, int svd_method, void* stream) {
   at::NoGradGuard no_grad;
   const int64_t L = int64_t(Us.size());
+  TORCH_CHECK(L > 0 && Ss.size() == size_t(L) && Vs.size() == size_t(L) && GKs.size() == size_t(L) &&
+                  GLs.size() == size_t(L) && DKs.size() == size_t(L) && DLs.size() == size_t(L) &&
+                  DSs.size() == size_t(L) && max_ranks.size() == size_t(L),
+              "fused_update_group: every argument needs one entry per layer");
   const int64_t m = Us[0].size(0), r = Us[0].size(1), n = Vs[0].size(0);
+  for (int64_t l = 0; l < L; ++l)
+    TORCH_CHECK(Us[l].size(0) == m && Us[l].size(1) == r && Vs[l].size(0) == n && Vs[l].size(1) == r &&
+                    Ss[l].size(0) == r && Ss[l].size(1) == r && GKs[l].size(0) == m && GLs[l].size(0) == n,
+                "fused_update_group: the layers of a batched group must share m, n and the rank r");
   const int64_t a = augment < 0 ? r : std::min(r, augment);
   const int64_t aU = std::min(a, m - r), aV = std::min(a, n - r);
   const int64_t p = r + aU, q = r + aV, kk = std::min(p, q);
@@ -129,7 +167,7 @@ std::tuple<std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<i
   }
   Tensor U = stack_layers(Us), V = stack_layers(Vs);
   Tensor status = at::zeros({L}, opts.dtype(at::kInt));
-  Tensor max_rank = at::tensor(std::vector<int>(max_ranks.begin(), max_ranks.end()), at::kInt).to(opts.device());
+  Tensor max_rank = max_rank_tensor(max_ranks, opts.device());
   Workspace ws{Tensor(), layer_workspace_bytes<T>(int(std::max(aU, aV)), int(p), int(q))};
   ws.buf = at::empty({int64_t(ws.stride) * L}, opts.dtype(at::kByte));
 
@@ -144,37 +182,26 @@ std::tuple<std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<i
   // 3. SVD + rank (on the device)
   Tensor P = at::empty({L, p, kk}, opts), Q = at::empty({L, q, kk}, opts), sig = at::empty({L, kk}, opts);
   Tensor rank = at::empty({L}, opts.dtype(at::kInt));
-  Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), tau, int(min_rank),
-                              int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(),
-                              rank.data_ptr<int>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
+  Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), tau,
+                           int(min_rank), int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(),
+                           rank.data_ptr<int>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
   // 4. rotate the bases, re-orthonormalize, fold R into S. Every rank is ≤ kw, so the padded width can
-  // drop to kw: max(max_rank) in general, the largest chosen rank where the ranks live on the host (CPU).
-  int64_t kw = std::min<int64_t>(kk, *std::max_element(max_ranks.begin(), max_ranks.end()));
+  // drop to kw: the largest max_rank (< 0: no cap) in general, the largest chosen rank where the ranks
+  // live on the host (CPU).
+  int64_t kw = 0;
+  for (int64_t mr : max_ranks) kw = std::max(kw, mr < 0 ? kk : std::min(kk, mr));
   if (Backend::kHostRanks) {
     const int* rk = rank.data_ptr<int>();
-    kw = std::max<int64_t>(1, *std::max_element(rk, rk + L));
+    kw = *std::max_element(rk, rk + L);
   }
+  kw = std::max<int64_t>(1, std::min(kw, kk));
   Tensor Pk = P.narrow(2, 0, kw), Qk = Q.narrow(2, 0, kw);
   auto [Unew, Ru] = reorthonormalize_batched<Backend, T>(rotate(U, QU, Pk), rank, status, ws, stream);
   auto [Vnew, Rv] = reorthonormalize_batched<Backend, T>(rotate(V, QV, Qk), rank, status, ws, stream);
   Tensor Snew = at::bmm(Ru * sig.narrow(1, 0, kw).unsqueeze(1), Rv.mT());
   Tensor bad = at::logical_not(at::isfinite(Snew).flatten(1).all(1)).to(at::kInt) * int(kNonFinite);
   status.bitwise_or_(bad);
-
-  Tensor info = at::cat({rank, status}).cpu();  // the one host synchronization
-  const int* h = info.data_ptr<int>();
-  std::vector<std::vector<Tensor>> out;
-  std::vector<int64_t> ranks, statuses;
-  out.reserve(L);
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t k = h[l];
-    ranks.push_back(k);
-    statuses.push_back(h[L + l]);
-    out.push_back({Unew[l].narrow(1, 0, k).clone(at::MemoryFormat::Contiguous), Snew[l].narrow(0, 0, k).narrow(1, 0, k).clone(at::MemoryFormat::Contiguous),
-                   Vnew[l].narrow(1, 0, k).clone(at::MemoryFormat::Contiguous), P[l].narrow(0, 0, r).narrow(1, 0, k).clone(at::MemoryFormat::Contiguous),
-                   Q[l].narrow(0, 0, r).narrow(1, 0, k).clone(at::MemoryFormat::Contiguous)});
-  }
-  return {out, ranks, statuses};
+  return {Unew, Snew, Vnew, Pk.narrow(1, 0, r), Qk.narrow(1, 0, r), rank, status};
 }
 
 }  // namespace lrtrain

@@ -13,7 +13,9 @@ namespace {
 
 using lrtrain::CudaBackend;
 using lrtrain::Tensor;
-using GroupResult = std::tuple<std::vector<std::vector<Tensor>>, std::vector<int64_t>, std::vector<int64_t>>;
+// ([U, S, V, R_U, R_V] per layer, padded to a width >= its rank; rank (L) int; status (L) int), all on the
+// device and nothing synchronized: lrtrain/ext/dispatch.py reads the ranks of all groups back at once.
+using GroupResult = std::tuple<std::vector<std::vector<Tensor>>, Tensor, Tensor>;
 
 GroupResult update_group(const std::vector<Tensor>& U, const std::vector<Tensor>& S, const std::vector<Tensor>& V,
                          const std::vector<Tensor>& GK, const std::vector<Tensor>& GL, const std::vector<Tensor>& DK,
@@ -23,12 +25,16 @@ GroupResult update_group(const std::vector<Tensor>& U, const std::vector<Tensor>
   TORCH_CHECK(!U.empty(), "update_group: no layers");
   TORCH_CHECK(U[0].is_cuda(), "lrtrain.ext._cuda takes CUDA tensors");
   void* s = reinterpret_cast<void*>(stream);
-  if (U[0].scalar_type() == at::kFloat)
-    return lrtrain::fused_update_group<CudaBackend, float>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau,
-                                                           min_rank, max_sweeps, lrtrain::kSvdJacobi, s);
-  TORCH_CHECK(U[0].scalar_type() == at::kDouble, "lrtrain.ext._cuda supports float32 and float64");
-  return lrtrain::fused_update_group<CudaBackend, double>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau,
-                                                          min_rank, max_sweeps, lrtrain::kSvdJacobi, s);
+  lrtrain::GroupTensors g;
+  if (U[0].scalar_type() == at::kFloat) {
+    g = lrtrain::fused_update_group<CudaBackend, float>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau,
+                                                        min_rank, max_sweeps, lrtrain::kSvdJacobi, s);
+  } else {
+    TORCH_CHECK(U[0].scalar_type() == at::kDouble, "lrtrain.ext._cuda supports float32 and float64");
+    g = lrtrain::fused_update_group<CudaBackend, double>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau,
+                                                         min_rank, max_sweeps, lrtrain::kSvdJacobi, s);
+  }
+  return {g.layers(), g.rank, g.status};
 }
 
 // A (L,p,q) CUDA → [P (L,p,kk), sigma (L,kk), Q (L,q,kk), rank (L), status (L)], asynchronously on `stream`.
@@ -47,7 +53,8 @@ std::vector<Tensor> jacobi_svd(const Tensor& A, double tau, int64_t min_rank, in
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lrtrain fused DLRT update, CUDA backend (plain CUDA C++ kernels + torch binding)";
   m.def("update_group", &update_group,
-        "Fused DLRT update of L same-shape CUDA layers: ([U, S, V, R_U, R_V] per layer, ranks, statuses)",
+        "Fused DLRT update of L CUDA layers of one (m, n, r), asynchronous on `stream`: ([U, S, V, R_U, R_V] per "
+        "layer padded to a width >= its rank, rank (L) int32, status (L) int32), all on the device",
         py::arg("U"), py::arg("S"), py::arg("V"), py::arg("G_K"), py::arg("G_L"), py::arg("D_K"), py::arg("D_L"),
         py::arg("D_S"), py::arg("max_rank"), py::arg("augment"), py::arg("lr"), py::arg("tau"), py::arg("min_rank"),
         py::arg("max_sweeps"), py::arg("stream"));

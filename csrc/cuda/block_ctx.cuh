@@ -31,8 +31,10 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 inline size_t smem_limit() {
   int dev = 0, bytes = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || bytes <= 0)
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || bytes <= 0) {
+    (void)cudaGetLastError();  // a failed query must not surface as the next launch's error
     return 48 * 1024;
+  }
   return size_t(bytes);
 }
 

@@ -49,8 +49,10 @@ size_t configure_smem(K kernel, int w) {
   const size_t bytes = size_t(w) * w * sizeof(double);
   if (bytes > smem_limit()) return 0;
   if (bytes > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) != cudaSuccess)
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the launch check after the global-memory launch must not see it
     return 0;
+  }
   return bytes;
 }
 

@@ -38,10 +38,14 @@ int launch(const T* core, int64_t L, int p, int q, const int* max_rank, double t
   int warps = (nc + 1) / 2;
   warps = warps < 4 ? 4 : (warps > kMaxThreads / 32 ? kMaxThreads / 32 : warps);
   size_t smem = jacobi_smem_bytes<T>(p, q);
-  if (smem > smem_limit() ||
-      (smem > 48 * 1024 &&
-       cudaFuncSetAttribute(jacobi_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) != cudaSuccess))
+  if (smem > smem_limit()) {
     smem = 0;
+  } else if (smem > 48 * 1024 &&
+             cudaFuncSetAttribute(jacobi_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) !=
+                 cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the launch check below must not report this handled failure
+    smem = 0;
+  }
   jacobi_kernel<T><<<unsigned(L), warps * 32, smem, static_cast<cudaStream_t>(stream)>>>(
       core, p, q, max_rank, tau, min_rank, max_sweeps, P, sig, Q, rank, status, ws, stride, smem > 0 ? 1 : 0);
   return int(cudaGetLastError());

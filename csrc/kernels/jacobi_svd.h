@@ -102,6 +102,9 @@ LRT_FN int jacobi_svd_layer(const Ctx& c, const T* A, int p, int q, int max_rank
     T maxn = T(0);
     for (int j = 0; j < nc; ++j) maxn = lrt_max(maxn, nrm[j]);
     const T zt = Num<T>::eps * Num<T>::eps * maxn;
+    // Every thread has read all of nrm[] (maxn) before lane 0 of a pair's warp rewrites nrm[i], nrm[j]
+    // in the first round below; without this barrier a fast warp races the slower warps' maxn loop.
+    c.sync();
     for (int t = 0; t < n2 - 1; ++t) {
       for (int s = c.warp; s < n2 / 2; s += c.nwarps) {
         int i, j;

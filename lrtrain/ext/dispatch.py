@@ -1,12 +1,16 @@
 """``update_layers``: the DLRT layer update of a param group on the fused backends.
 
 Same contract as :func:`lrtrain.optim.step.reference_update_layers` (that function is the spec):
-items are grouped by (backend, U shape, V shape, dtype, device, augmentation width) and each group is
-one call into the compiled module, which runs project → orthonormalize → assemble → SVD → rank choice →
-rotate for all of its layers with the ranks decided on the device and one device→host copy (ranks and
-per-layer status) at the end. A layer whose status is not OK (non-finite core or result, a Jacobi SVD
-that did not converge, a Cholesky that failed) is recomputed by the reference update, so those rare
-cases behave exactly as the reference does. Layers a backend does not take (dtypes other than float32 /
+items are grouped by (backend, m, n, dtype, device, raw augment setting) -- plus the rank r where the
+backend stacks the layers (CUDA, the CPU's batched schedule); the default CPU schedule runs each layer on
+its own thread, so layers of any r fuse -- and each group is one call into the compiled module, which
+runs project → orthonormalize → assemble → SVD → rank choice → rotate for all of its layers with the
+ranks decided on the device, and returns padded results without synchronizing. Once every group is
+launched, the ranks and per-layer statuses of all groups of a device come to the host in one copy, and
+each layer's results are cut to its rank. Inputs may be strided views (column slices of larger
+buffers). A layer whose status is not OK (non-finite core or result, a Jacobi SVD that did not
+converge, a Cholesky that failed) is recomputed by the reference update, so those rare cases behave
+exactly as the reference does. Layers a backend does not take (dtypes other than float32 /
 float64) use the reference.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from ..optim.step import LayerResult, LayerStep, reference_update
 from .backends import BACKENDS, NAMES, available, module
 
-__all__ = ["FusedResult", "update_layers", "run_group", "finite_flags", "check_backend", "MAX_SWEEPS", "CPU_OPTIONS", "MIN_CPU_GROUP"]
+__all__ = ["FusedResult", "update_layers", "run_group", "launch_group", "finish_group", "finite_flags", "check_backend", "MAX_SWEEPS", "CPU_OPTIONS", "MIN_CPU_GROUP"]
 
 MAX_SWEEPS = 40  # Jacobi sweeps before a layer is handed to the reference (8-16 measured on DLRT cores)
 _DTYPES = (torch.float32, torch.float64)
@@ -58,8 +62,9 @@ def _route(item: LayerStep, backend: str):
 
 
 def _augment(item: LayerStep) -> int:
-    r = item.U.shape[1]
-    return r if item.augment is None else min(r, int(item.augment))
+    """The raw augment setting for the compiled modules: -1 for None (r new columns per side), else the cap
+    (the module takes min(r, augment) per layer, so layers of different r can share a call)."""
+    return -1 if item.augment is None else max(0, int(item.augment))
 
 
 # CPU schedule: "svd" is "lapack" (gesdd through ATen: measured faster on CPU, see
@@ -72,10 +77,23 @@ CPU_OPTIONS = {"svd": "lapack", "batched": False}
 MIN_CPU_GROUP = 2
 
 
-def run_group(name: str, group: list[LayerStep], lr: float, tau: float, min_rank: int, **options) -> list[LayerResult]:
-    """One fused call for ``group`` (same shapes, dtype, device, augmentation) on backend ``name``.
+def _batched(name: str, options: dict) -> bool:
+    """Whether backend ``name`` stacks a group's layers (then they must share r): CUDA always, CPU on request."""
+    return name == "cuda" or bool({**CPU_OPTIONS, **options}.get("batched", False))
 
-    Layers whose status is not OK are recomputed by :func:`reference_update`. ``options`` override
+
+def _group_key(name: str, item: LayerStep, batched: bool) -> tuple:
+    """Layers of one key go into one call: same (m, n), dtype, device and raw augment setting; the rank r
+    joins the key only where the call stacks the layers (CPU layers of any r fuse)."""
+    key = (name, item.U.shape[0], item.V.shape[0], item.U.dtype, item.U.device, _augment(item))
+    return key + (item.U.shape[1],) if batched else key
+
+
+def launch_group(name: str, group: list[LayerStep], lr: float, tau: float, min_rank: int, **options):
+    """Start one fused call for ``group`` on backend ``name`` without waiting for it.
+
+    Returns (outs, rank, status): per layer [U, S, V, R_U, R_V] padded to a width >= its rank, and the
+    (L,) int32 rank and status tensors, on the group's device (CPU: already final). ``options`` override
     :data:`CPU_OPTIONS` on the CPU backend.
     """
     mod = module(name)
@@ -86,15 +104,52 @@ def run_group(name: str, group: list[LayerStep], lr: float, tau: float, min_rank
     if name == "cuda":
         dev = group[0].U.device
         with torch.cuda.device(dev):
-            outs, _ranks, status = mod.update_group(*args, *rest, torch.cuda.current_stream(dev).cuda_stream)
-    else:
-        outs, _ranks, status = mod.update_group(*args, *rest, **{**CPU_OPTIONS, **options})
-    return [FusedResult(*out, finite=True) if st == 0 else reference_update(item, lr, tau, min_rank)
-            for item, out, st in zip(group, outs, status)]
+            return mod.update_group(*args, *rest, torch.cuda.current_stream(dev).cuda_stream)
+    return mod.update_group(*args, *rest, **{**CPU_OPTIONS, **options})
+
+
+def _cut(x: torch.Tensor, k: int, rows: bool = False) -> torch.Tensor:
+    """x[:, :k] (and x[:k] when rows), or x itself when it already has that width."""
+    if x.shape[-1] != k:
+        x = x[..., :k]
+    if rows and x.shape[0] != k:
+        x = x[:k]
+    return x
+
+
+def finish_group(group: list[LayerStep], outs, ranks: list[int], statuses: list[int], lr: float, tau: float,
+                 min_rank: int) -> list[LayerResult]:
+    """Results of a launched group from its ranks and statuses on the host: each layer's outputs cut to its
+    rank; a layer whose status is not OK is recomputed by :func:`reference_update`."""
+    res = []
+    for item, (U, S, V, R_U, R_V), k, st in zip(group, outs, ranks, statuses):
+        if st != 0:
+            res.append(reference_update(item, lr, tau, min_rank))
+        else:
+            res.append(FusedResult(_cut(U, k), _cut(S, k, rows=True), _cut(V, k), _cut(R_U, k), _cut(R_V, k),
+                                   finite=True))
+    return res
+
+
+def run_group(name: str, group: list[LayerStep], lr: float, tau: float, min_rank: int, **options) -> list[LayerResult]:
+    """One fused call for ``group`` (same (m, n), dtype, device, augment setting; same r where the backend
+    stacks the layers) on backend ``name``, finished at once (one host sync on a device).
+
+    Layers whose status is not OK are recomputed by :func:`reference_update`. ``options`` override
+    :data:`CPU_OPTIONS` on the CPU backend.
+    """
+    outs, rank, status = launch_group(name, group, lr, tau, min_rank, **options)
+    info = torch.cat([rank, status]).tolist()
+    L = len(group)
+    return finish_group(group, outs, info[:L], info[L:], lr, tau, min_rank)
 
 
 def update_layers(items: list[LayerStep], lr: float, tau: float, min_rank: int, backend: str = "auto") -> list[LayerResult]:
-    """One param group's layer updates; ``backend`` is 'auto', 'reference', 'cpu' or 'cuda'."""
+    """One param group's layer updates; ``backend`` is 'auto', 'reference', 'cpu' or 'cuda'.
+
+    Every fused group is launched first; then the ranks and statuses of all groups of a device come to the
+    host in one copy (the step's only synchronization there), and each layer's results are cut to its rank.
+    """
     check_backend(backend)
     results: list = [None] * len(items)
     groups: dict = {}
@@ -103,15 +158,27 @@ def update_layers(items: list[LayerStep], lr: float, tau: float, min_rank: int, 
         if name is None:
             results[i] = reference_update(item, lr, tau, min_rank)
             continue
-        key = (name, tuple(item.U.shape), tuple(item.V.shape), item.U.dtype, item.U.device, _augment(item))
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(_group_key(name, item, _batched(name, {})), []).append(i)
+    launched = []  # (indices, outs, rank, status)
     for key, idx in groups.items():
         if backend == "auto" and key[0] == "cpu" and len(idx) < MIN_CPU_GROUP:
             for i in idx:
                 results[i] = reference_update(items[i], lr, tau, min_rank)
             continue
-        for i, res in zip(idx, run_group(key[0], [items[i] for i in idx], lr, tau, min_rank)):
-            results[i] = res
+        launched.append((idx, *launch_group(key[0], [items[i] for i in idx], lr, tau, min_rank)))
+    by_device: dict = {}
+    for g in launched:
+        by_device.setdefault(g[2].device, []).append(g)
+    for gs in by_device.values():
+        info = torch.cat([t for g in gs for t in (g[2], g[3])]).tolist()  # one device→host copy
+        pos = 0
+        for idx, outs, rank, status in gs:
+            L = len(idx)
+            ranks, statuses = info[pos:pos + L], info[pos + L:pos + 2 * L]
+            pos += 2 * L
+            group = [items[i] for i in idx]
+            for i, res in zip(idx, finish_group(group, outs, ranks, statuses, lr, tau, min_rank)):
+                results[i] = res
     return results
 
 
