@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from ..ext import check_backend, finite_flags, update_layers
 from .base import make_rule
-from .params import LOW_PRECISION, Slot, find_layers, is_dtensor
+from .params import LOW_PRECISION, Slot, find_layers, fsdp1_kind, is_dtensor
 from .step import LayerStep, transport_state
 
 __all__ = ["DLRT"]
@@ -89,9 +89,16 @@ class DLRT(Optimizer):
         group_of = {}
         for gi, g in enumerate(self.param_groups):
             for p in g["params"]:
-                if type(p).__name__ == "FlatParameter":
-                    raise ValueError("params: FSDP1 flat parameters hide the factorized layers' U, S, V; wrap the "
+                kind = fsdp1_kind(p)
+                if kind == "flat":
+                    raise ValueError("params: FSDP1 flat parameters (FullyShardedDataParallel, use_orig_params=False) "
+                                     "hide the factorized layers' U, S, V; DLRT does not support FSDP1: wrap the "
                                      "model with torch.distributed.fsdp.fully_shard (FSDP2) instead")
+                if kind == "orig":
+                    raise ValueError("params: a parameter managed by FSDP1 (FullyShardedDataParallel, "
+                                     "use_orig_params=True) is a view into FSDP1's flat buffer (a 1-D shard when "
+                                     "sharded); DLRT does not support FSDP1: wrap the model with "
+                                     "torch.distributed.fsdp.fully_shard (FSDP2) instead")
                 if getattr(p, "_lrtrain_retired", False):
                     raise ValueError("params: a factor parameter replaced by set_capacity(); build the optimizer "
                                      "again from model.parameters()")
@@ -276,10 +283,25 @@ def _finite(grads) -> list:
         for i, n in zip(local, torch._foreach_norm([grads[i] for i in local], float("inf"))):
             out[i] = n
     for i, g in enumerate(grads):
-        if out[i] is None:  # DTensor shard: the max over all shards
-            out[i] = torch.linalg.vector_norm(g, float("inf")).full_tensor()
+        if out[i] is None:  # DTensor: the max over all shards
+            out[i] = _max_abs_dtensor(g)
     dev = out[0].device
     return torch.isfinite(torch.stack([o.float().to(dev) for o in out])).tolist()
+
+
+def _max_abs_dtensor(g) -> torch.Tensor:
+    """max |g| over every shard of DTensor ``g`` (NaN reported as inf), the same on every rank.
+
+    NaN becomes inf *before* the max-reduction across ranks: a MAX all-reduce may drop a NaN (gloo keeps
+    ``a`` in ``max(a, NaN)``), which would hide a NaN in one rank's shard from every rank.
+    """
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    local = g.to_local()
+    n = torch.linalg.vector_norm(local, float("inf")).double() if local.numel() else local.new_zeros((), dtype=torch.float64)
+    n = torch.nan_to_num(n, nan=float("inf"))
+    placements = [Replicate() if p.is_replicate() else Partial("max") for p in g.placements]
+    return DTensor.from_local(n, g.device_mesh, placements, run_check=False).full_tensor()
 
 
 def _autocast_off():

@@ -2,6 +2,9 @@
 
 * :func:`find_layers` -- the factorized layers whose U, S, V are in a parameter list, found through the
   layers (:func:`lrtrain.layers.live_layers`), so it works after DDP or FSDP2 re-wrapped the parameters.
+* :func:`fsdp1_kind` -- whether a parameter belongs to FSDP1 (``FullyShardedDataParallel``), which DLRT
+  refuses: its flat parameters hide U, S, V, and its original-parameter views (``use_orig_params=True``)
+  are 1-D shards of a flat buffer.
 * :class:`Slot` -- one parameter's working value for the step: the parameter itself; its fp32 master copy
   (kept in the optimizer state under ``"master"``) when the parameter is bfloat16/float16; for a DTensor
   factor, the full (all-gathered) tensor. ``commit()`` writes the working value back in place: the
@@ -13,13 +16,27 @@ import torch
 
 from ..layers.factors import ROLES, live_layers
 
-__all__ = ["find_layers", "Slot", "is_dtensor", "LOW_PRECISION"]
+__all__ = ["find_layers", "Slot", "is_dtensor", "fsdp1_kind", "LOW_PRECISION"]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+def fsdp1_kind(p) -> str | None:
+    """``"flat"`` for an FSDP1 FlatParameter (``use_orig_params=False``), ``"orig"`` for an original
+    parameter that FSDP1 manages as a view into one (``use_orig_params=True``), else None.
+
+    FlatParameters are plain ``nn.Parameter`` objects flagged ``_is_flat_param`` (their type name is not
+    "FlatParameter"); FSDP1 marks the original parameters it flattens with ``_fsdp_flattened``.
+    """
+    if getattr(p, "_is_flat_param", False):
+        return "flat"
+    if getattr(p, "_fsdp_flattened", False):
+        return "orig"
+    return None
 
 
 def find_layers(params) -> tuple[list, list]:
@@ -57,7 +74,7 @@ class Slot:
     def __init__(self, p: torch.nn.Parameter, state: dict, full: bool):
         self.p, self.state = p, state
         self.gathered = full and is_dtensor(p)
-        low = p.dtype in LOW_PRECISION
+        self.low = low = p.dtype in LOW_PRECISION
         if low and "master" not in state:
             state["master"] = _full(p.detach()).float() if self.gathered else p.detach().float()
         self.value = state["master"] if low else (_full(p.detach()) if self.gathered else p.detach())
@@ -67,6 +84,8 @@ class Slot:
 
     def commit(self) -> None:
         """Write ``value`` (updated in place by the caller) back into the parameter."""
+        if self.value.data_ptr() == self.p.data_ptr() and not self.gathered:
+            return  # the parameter itself was updated in place
         p = self.p.detach()
         if self.gathered:
             from torch.distributed.tensor import DTensor, Replicate
@@ -74,5 +93,7 @@ class Slot:
             mesh = p.device_mesh
             full = DTensor.from_local(self.value.to(p.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False)
             p.to_local().copy_(full.redistribute(mesh, p.placements).to_local())
-        elif self.value is not p:
+        elif self.low:
             p.copy_(self.value)
+        # else: value is the parameter itself (a DTensor plain param stays one, and elementwise rules run
+        # on its local shard), already updated in place
