@@ -222,7 +222,7 @@ class DLRT(Optimizer):
     def _apply_group(self, pend: dict) -> None:
         rule, group = pend["rule"], pend["group"]
         keys = rule.linear_keys + rule.square_keys
-        for j, (l, (sU, sS, sV, _), res) in enumerate(zip(pend["layers"], pend["slots"], pend["results"])):
+        for j, (l, (sU, sS, sV, r), res) in enumerate(zip(pend["layers"], pend["slots"], pend["results"])):
             if not pend["finite"][j]:
                 warnings.warn("DLRT: a layer's update was non-finite (learning rate too large?); step skipped",
                               RuntimeWarning)
@@ -232,11 +232,11 @@ class DLRT(Optimizer):
             new = dict(zip("VS", pend["new_states"][3 * j + 1: 3 * j + 3]), U=pend["new_states"][3 * j])
             transport_state(new, res.R_U, res.R_V, rule.linear_keys, rule.square_keys)
             for s, value, role, two in ((sU, res.U, "U", False), (sS, res.S, "S", True), (sV, res.V, "V", False)):
-                _write_active(s.value, value, k, two)
+                _write_active(s.value, value, k, r, two)
                 s.commit()
                 for key in keys:
                     if key in new[role]:
-                        _write_active(s.state.setdefault(key, torch.zeros_like(s.value)), new[role][key], k, two)
+                        _write_active(s.state.setdefault(key, torch.zeros_like(s.value)), new[role][key], k, r, two)
                 if "step" in new[role]:
                     s.state["step"] = new[role]["step"]
             l._set_rank(k)
@@ -264,29 +264,35 @@ def _active_state(state: dict, keys, r: int | None, two_sided: bool = False) -> 
     return out
 
 
-def _write_active(buf: torch.Tensor, new: torch.Tensor, k: int, two_sided: bool) -> None:
-    """buf[:, :k] = new, the rest of buf zero (buf[:k, :k] for two-sided S-coordinates)."""
+def _write_active(buf: torch.Tensor, new: torch.Tensor, k: int, r: int, two_sided: bool) -> None:
+    """buf[:, :k] = new (buf[:k, :k] for two-sided S-coordinates) where buf was zero outside its leading
+    r columns (r × r block): only the columns k..r that fall out of use are zeroed."""
     if two_sided:
         buf[:k, :k].copy_(new)
-        buf[k:].zero_()
-        buf[:k, k:].zero_()
+        buf[k:r, :r].zero_()
+        buf[:k, k:r].zero_()
     else:
         buf[:, :k].copy_(new)
-        buf[:, k:].zero_()
+        buf[:, k:r].zero_()
 
 
 def _finite(grads) -> list:
-    """Whether each gradient is finite (max |g|, which never overflows); one host sync."""
+    """Whether each gradient is finite; one host sync. The 2-norms screen all of them at once; a
+    non-finite norm is re-checked with max |g|, which does not overflow on large finite entries."""
     out: list = [None] * len(grads)
     local = [i for i, g in enumerate(grads) if not is_dtensor(g)]
     if local:
-        for i, n in zip(local, torch._foreach_norm([grads[i] for i in local], float("inf"))):
+        for i, n in zip(local, torch._foreach_norm([grads[i] for i in local])):
             out[i] = n
     for i, g in enumerate(grads):
         if out[i] is None:  # DTensor: the max over all shards
             out[i] = _max_abs_dtensor(g)
     dev = out[0].device
-    return torch.isfinite(torch.stack([o.float().to(dev) for o in out])).tolist()
+    flags = torch.isfinite(torch.stack([o.double().to(dev) for o in out])).tolist()
+    for i, ok in enumerate(flags):
+        if not ok and not is_dtensor(grads[i]):
+            flags[i] = bool(torch.isfinite(torch.linalg.vector_norm(grads[i], float("inf"))))
+    return flags
 
 
 def _max_abs_dtensor(g) -> torch.Tensor:
