@@ -20,6 +20,7 @@ and the dense-weight view. The Conv2d function lives in :mod:`.conv`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["core_backward", "compute_dtype", "active", "pad_grads", "LowRankLinearFunction", "DenseWeightFunction"]
@@ -37,13 +38,15 @@ def active(U, S, V, k: int, dtype: torch.dtype):
 
 
 def pad_grads(U, S, V, k: int, G_K, G_S, G_L):
-    """Full-capacity gradients of U, S, V (parameter dtypes), zero outside the active block."""
-    out = []
-    for p, g, two_sided in ((U, G_K, False), (S, G_S, True), (V, G_L, False)):
-        full = torch.zeros_like(p)
-        (full[:k, :k] if two_sided else full[:, :k]).copy_(g)
-        out.append(full)
-    return out
+    """Full-capacity gradients of U, S, V (parameter dtypes), zero outside the active block.
+
+    Zero-padding (not a slice of a zeros tensor written in place): under torch.compile, where k is an
+    unbacked size (see :mod:`.factors`), inductor's constant folding cannot tell whether a slice of a
+    constant zeros tensor is contiguous and fails; ``pad`` has no such view.
+    """
+    c = S.shape[0]
+    return (F.pad(G_K.to(U.dtype), (0, c - k)), F.pad(G_S.to(S.dtype), (0, c - k, 0, c - k)),
+            F.pad(G_L.to(V.dtype), (0, c - k)))
 
 
 def core_backward(gy: torch.Tensor, z: torch.Tensor, U: torch.Tensor, S: torch.Tensor):

@@ -4,6 +4,12 @@ Forward: z = conv2d(x, V as r filters of shape in × kh × kw; stride, padding, 
 convolution with K = U S (out × r) plus bias. The DLRT gradients follow :mod:`.autograd` with the
 positions (n, h, w) as rows: G_K = Σ g_y zᵀ, G_S = Σ g_t zᵀ, and G_L is the weight gradient of the
 first convolution for output gradient g_t = Uᵀ g_y.
+
+Under torch.compile the rank r is a symbolic size (see :mod:`.factors`), but inductor's convolution
+lowering needs static channel counts. There the first convolution is computed as im2col + matmul
+(``unfold``; its adjoints ``fold`` and a batched matmul in the backward) and the 1×1 convolution as a
+matmul, so r only ever appears as a matmul dimension and one graph serves every rank. Eager mode keeps
+the convolutions (no kh·kw-fold im2col buffer).
 """
 from __future__ import annotations
 
@@ -32,35 +38,64 @@ def _unrows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rearrange(t, "(n h w) c -> n c h w", n=n, h=h, w=w)
 
 
+def _out_hw(x: torch.Tensor, kernel_size, stride, padding, dilation):
+    """Spatial output size (h', w') of the first convolution."""
+    return tuple((x.shape[2 + d] + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1
+                 for d in range(2))
+
+
+def _patch_rows(x: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """im2col with positions as rows: (N·h'·w', in·kh·kw), columns ordered as V's rows."""
+    cols = F.unfold(x, kernel_size, dilation, padding, stride)  # (N, in·kh·kw, h'·w')
+    return cols.mT.reshape(-1, cols.shape[1])
+
+
 class _LowRankConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, U, S, V, bias, k, kernel_size, stride, padding, dilation):
         dt = compute_dtype(x, U)
+        im2col = torch.compiler.is_compiling()  # see the module doc
         with torch.autocast(x.device.type, enabled=False):
             Uk, Sk, Vk = active(U, S, V, k, dt)
             xc = x.to(dt)
-            filters = Vk.mT.reshape(k, x.shape[1], *kernel_size)
-            z = F.conv2d(xc, filters, None, stride, padding, dilation)
-            y = F.conv2d(z, (Uk @ Sk)[:, :, None, None], None if bias is None else bias.to(dt))
+            b = None if bias is None else bias.to(dt)
+            if im2col:  # the Linear computation with patches as samples: r appears only in matmuls
+                h, w = _out_hw(x, kernel_size, stride, padding, dilation)
+                z = _patch_rows(xc, kernel_size, stride, padding, dilation) @ Vk
+                y = (z @ Sk.mT) @ Uk.mT
+                if b is not None:
+                    y = y + b
+                z = rearrange(z, "(n h w) c -> n c h w", h=h, w=w)
+                y = rearrange(y, "(n h w) c -> n c h w", h=h, w=w).contiguous()
+            else:
+                filters = Vk.mT.reshape(k, x.shape[1], *kernel_size)
+                z = F.conv2d(xc, filters, None, stride, padding, dilation)
+                y = F.conv2d(z, (Uk @ Sk)[:, :, None, None], b)
         ctx.save_for_backward(xc, z, U, S, V)
-        ctx.conf = (k, dt, x.dtype, kernel_size, stride, padding, dilation, bias is not None)
+        ctx.conf = (k, dt, x.dtype, kernel_size, stride, padding, dilation, bias is not None, im2col)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
         x, z, U, S, V = ctx.saved_tensors
-        k, dt, x_dtype, kernel_size, stride, padding, dilation, has_bias = ctx.conf
+        k, dt, x_dtype, kernel_size, stride, padding, dilation, has_bias, im2col = ctx.conf
         with torch.autocast(gy.device.type, enabled=False):
             Uk, Sk, Vk = active(U, S, V, k, dt)
             gy = gy.to(dt)
             gt, G_K, G_S, gz = core_backward(_rows(gy), _rows(z), Uk, Sk)
-            gt, gz = _unrows(gt, gy), _unrows(gz, gy)
-            fshape = (k, x.shape[1], *kernel_size)
-            G_L = conv2d_weight(x, fshape, gt, stride, padding, dilation).reshape(k, -1).mT
             gx = None
-            if ctx.needs_input_grad[0]:
-                gx = conv2d_input(x.shape, Vk.mT.reshape(fshape), gz, stride, padding, dilation).to(x_dtype)
+            if im2col:
+                G_L = _patch_rows(x, kernel_size, stride, padding, dilation).mT @ gt
+                if ctx.needs_input_grad[0]:
+                    gcols = (gz @ Vk.mT).reshape(x.shape[0], -1, V.shape[0]).mT  # (N, in·kh·kw, h'·w')
+                    gx = F.fold(gcols, x.shape[2:], kernel_size, dilation, padding, stride).to(x_dtype)
+            else:
+                gt, gz = _unrows(gt, gy), _unrows(gz, gy)
+                fshape = (k, x.shape[1], *kernel_size)
+                G_L = conv2d_weight(x, fshape, gt, stride, padding, dilation).reshape(k, -1).mT
+                if ctx.needs_input_grad[0]:
+                    gx = conv2d_input(x.shape, Vk.mT.reshape(fshape), gz, stride, padding, dilation).to(x_dtype)
             gb = gy.sum((0, 2, 3)) if has_bias else None
         gU, gS, gV = pad_grads(U, S, V, k, G_K, G_S, G_L)
         return gx, gU, gS, gV, gb, None, None, None, None, None
@@ -91,7 +126,7 @@ class LowRankConv2d(FactorizedMixin, nn.Module):
         self._init_bias(bias, self.out_channels, fan_in, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self._rank_probe.shape[0],
+        return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self.rank,
                                             self.kernel_size, self.stride, self.padding, self.dilation)
 
     @property

@@ -10,9 +10,13 @@ is the explicit :meth:`FactorizedMixin.set_capacity` (new parameters: rebuild th
 Capacity rule (default): c = ``max_rank`` when given, else min(2·rank, min(out, in_flat)); ``max_rank``
 (the largest rank the optimizer may choose) defaults to c and must be ≤ c.
 
-Where r lives: a plain tensor attribute of shape (r, 0) (its length is r; torch.compile sees it as a
-size, so a rank change costs at most one recompilation into a graph dynamic in r), mirrored in the
-int64 buffer ``active_rank`` that checkpoints carry.
+Where r lives: a plain tensor attribute ``_rank_probe`` of shape (r, 0) made by :func:`rank_probe`,
+mirrored in the int64 buffer ``active_rank`` that checkpoints carry. The forward passes
+``probe.shape[0]`` to the autograd functions, so torch.compile sees r as a size. The probe's length is
+marked *unbacked* (``torch._dynamo.decorators.mark_unbacked``, bounds [1, c]): dynamo traces r as a
+symbol without guarding on its value, so one graph serves every rank and a rank change never
+recompiles. (A plain dynamic size would not do: dynamo specializes sizes 0 and 1, and the shape checks
+of copy/reshape add guards r ≠ 1 and r ≠ c, so ranks 1 and c would each compile a graph of their own.)
 
 Gradient convention (DLRT): after ``backward()``, ``U.grad[:, :r]`` holds ∂L/∂K with K = U S (= G_W V),
 ``V.grad[:, :r]`` holds ∂L/∂L with L = V Sᵀ (= G_Wᵀ U) and ``S.grad[:r, :r]`` holds ∂L/∂S (= Uᵀ G_W V);
@@ -30,7 +34,7 @@ import weakref
 import torch
 from torch import nn
 
-__all__ = ["FactorizedMixin", "live_layers", "default_capacity", "ROLES", "truncated_svd_factors"]
+__all__ = ["FactorizedMixin", "live_layers", "default_capacity", "rank_probe", "ROLES", "truncated_svd_factors"]
 
 ROLES = ("U", "S", "V")
 _LIVE: "weakref.WeakSet[FactorizedMixin]" = weakref.WeakSet()
@@ -44,6 +48,19 @@ def live_layers() -> list:
 def default_capacity(rank: int, full: int, max_rank: int | None = None) -> int:
     """c = max_rank if given, else min(2·rank, full): room for the rank to double."""
     return int(max_rank) if max_rank is not None else min(2 * int(rank), full)
+
+
+def rank_probe(r: int, capacity: int) -> torch.Tensor:
+    """The empty tensor of shape (r, 0) whose length carries the active rank r ∈ [1, capacity],
+    marked unbacked in that length for torch.compile (see the module doc)."""
+    import torch._dynamo  # lazy: ~1 s to import (torch.optim's step imports it anyway)
+
+    probe = torch.empty(int(r), 0)
+    try:
+        torch._dynamo.decorators.mark_unbacked(probe, 0, min=1, max=int(capacity))
+    except TypeError:  # torch < 2.8 has no bounds: a backed dynamic size (rank 1 and c may recompile)
+        torch._dynamo.maybe_mark_dynamic(probe, 0)
+    return probe
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> int:
@@ -85,7 +102,7 @@ class FactorizedMixin:
         self.V = nn.Parameter(torch.zeros(in_f, capacity, **kw))
         if "active_rank" not in self._buffers:
             self.register_buffer("active_rank", torch.zeros((), dtype=torch.int64, device=device))
-        self._rank_probe = torch.empty(0, 0)
+        self._rank_probe = rank_probe(1, capacity)
 
     def _init_bias(self, enabled: bool, out_f: int, fan_in: int, device=None, dtype=None) -> None:
         """Bias ~ U(-1/√fan_in, 1/√fan_in) as in nn.Linear / nn.Conv2d."""
@@ -120,7 +137,7 @@ class FactorizedMixin:
         self._max_rank = _check_int("max_rank", value, 1, self.capacity)
 
     def _set_rank(self, r: int) -> None:
-        self._rank_probe = torch.empty(int(r), 0)
+        self._rank_probe = rank_probe(r, self.capacity)
         self.active_rank.fill_(int(r))
 
     def factors(self):
@@ -193,7 +210,7 @@ class FactorizedMixin:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if len(error_msgs) == n_err:
-            self._rank_probe = torch.empty(int(self.active_rank), 0)
+            self._rank_probe = rank_probe(int(self.active_rank), self.capacity)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, capacity={self.capacity}, max_rank={self.max_rank}, bias={self.bias is not None}"

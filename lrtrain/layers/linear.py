@@ -26,7 +26,7 @@ class LowRankLinear(FactorizedMixin, nn.Module):
         self._init_bias(bias, self.out_features, self.in_features, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return LowRankLinearFunction.apply(x, self.U, self.S, self.V, self.bias, self._rank_probe.shape[0])
+        return LowRankLinearFunction.apply(x, self.U, self.S, self.V, self.bias, self.rank)
 
     @property
     def weight(self) -> torch.Tensor:
