@@ -58,7 +58,7 @@ def rank_probe(r: int, capacity: int) -> torch.Tensor:
     probe = torch.empty(int(r), 0)
     try:
         torch._dynamo.decorators.mark_unbacked(probe, 0, min=1, max=int(capacity))
-    except TypeError:  # torch < 2.8 has no bounds: a backed dynamic size (rank 1 and c may recompile)
+    except TypeError:  # older torch: no bounds argument; a backed dynamic size (ranks 1, c may recompile)
         torch._dynamo.maybe_mark_dynamic(probe, 0)
     return probe
 
