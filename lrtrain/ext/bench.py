@@ -47,18 +47,14 @@ class StepCase:
     opt: DLRT
     x: torch.Tensor
     y: torch.Tensor
-    grads: list | None = None
 
     def forward_backward(self):
         self.opt.zero_grad(set_to_none=True)
         nn.functional.mse_loss(self.model(self.x), self.y).backward()
-        self.grads = [p.grad for p in self.model.parameters()]
 
     def step(self):
-        """One DLRT.step on the gradients of the last forward_backward. The step drops the factors'
-        ``.grad``; they are put back first (the rank is fixed, so the shapes still match)."""
-        for p, g in zip(self.model.parameters(), self.grads):
-            p.grad = g
+        """One DLRT.step on the gradients of the last forward_backward (the step keeps ``.grad``, so
+        repeated calls reuse them)."""
         self.opt.step()
 
 
