@@ -49,11 +49,27 @@ def pad_grads(U, S, V, k: int, G_K, G_S, G_L):
             F.pad(G_L.to(V.dtype), (0, c - k)))
 
 
-def core_backward(gy: torch.Tensor, z: torch.Tensor, U: torch.Tensor, S: torch.Tensor):
-    """gy: (N, out), z: (N, r) rows = samples/positions. Returns g_t, G_K, G_S, g_z (see module doc)."""
+def grad_buffers(U, S, V, k: int, dtype: torch.dtype):
+    """Eager mode, gradients in the parameters' dtype: full-capacity gradient tensors of U, S, V with the
+    inactive part zeroed, and their active blocks, for the backward to write its products into (``out=``)
+    instead of padding them afterwards. None under torch.compile (see :func:`pad_grads`) or autocast."""
+    if torch.compiler.is_compiling() or dtype != U.dtype:
+        return None
+    gU, gS, gV = torch.empty_like(U), torch.empty_like(S), torch.empty_like(V)
+    if k < S.shape[0]:
+        gU[:, k:].zero_()
+        gV[:, k:].zero_()
+        gS[k:].zero_()
+        gS[:k, k:].zero_()
+    return (gU, gS, gV), (gU[:, :k], gS[:k, :k], gV[:, :k])
+
+
+def core_backward(gy: torch.Tensor, z: torch.Tensor, U: torch.Tensor, S: torch.Tensor, out=None):
+    """gy: (N, out), z: (N, r) rows = samples/positions. Returns g_t, G_K, G_S, g_z (see module doc);
+    ``out``: optional (G_K, G_S) tensors to write into."""
     gt = gy @ U
-    G_K = gy.mT @ z
-    G_S = gt.mT @ z
+    G_K = torch.mm(gy.mT, z, out=None if out is None else out[0])
+    G_S = torch.mm(gt.mT, z, out=None if out is None else out[1])
     gz = gt @ S
     return gt, G_K, G_S, gz
 
@@ -85,11 +101,12 @@ class LowRankLinearFunction(torch.autograd.Function):
             Uk, Sk, Vk = active(U, S, V, k, dt)
             n_in, n_out = V.shape[0], U.shape[0]
             gy2, z2, x2 = gy.to(dt).reshape(-1, n_out), z.reshape(-1, k), x.reshape(-1, n_in)
-            gt, G_K, G_S, gz = core_backward(gy2, z2, Uk, Sk)
+            bufs = grad_buffers(U, S, V, k, dt)
+            gt, G_K, G_S, gz = core_backward(gy2, z2, Uk, Sk, None if bufs is None else bufs[1][:2])
             gx = (gz @ Vk.mT).reshape(x.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-            G_L = x2.mT @ gt
+            G_L = torch.mm(x2.mT, gt, out=None if bufs is None else bufs[1][2])
             gb = gy2.sum(0) if ctx.has_bias else None
-        gU, gS, gV = pad_grads(U, S, V, k, G_K, G_S, G_L)
+        gU, gS, gV = pad_grads(U, S, V, k, G_K, G_S, G_L) if bufs is None else bufs[0]
         return gx, gU, gS, gV, gb, None
 
 

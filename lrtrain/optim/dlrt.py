@@ -229,14 +229,17 @@ class DLRT(Optimizer):
                 self.skipped_steps += 1
                 continue
             k = res.S.shape[0]
+            slots = {"U": (sU, res.U, False), "S": (sS, res.S, True), "V": (sV, res.V, False)}
             new = dict(zip("VS", pend["new_states"][3 * j + 1: 3 * j + 3]), U=pend["new_states"][3 * j])
-            transport_state(new, res.R_U, res.R_V, rule.linear_keys, rule.square_keys)
-            for s, value, role, two in ((sU, res.U, "U", False), (sS, res.S, "S", True), (sV, res.V, "V", False)):
+            # Moments are transported straight into their fixed buffers (leading k columns / k × k block).
+            out = {role: {key: _active(_buffer(s.state, key, s.value), k, two) for key in keys if key in new[role]}
+                   for role, (s, _, two) in slots.items()}
+            transport_state(new, res.R_U, res.R_V, rule.linear_keys, rule.square_keys, out=out)
+            for role, (s, value, two) in slots.items():
                 _write_active(s.value, value, k, r, two)
                 s.commit()
-                for key in keys:
-                    if key in new[role]:
-                        _write_active(s.state.setdefault(key, torch.zeros_like(s.value)), new[role][key], k, r, two)
+                for key in out[role]:
+                    _zero_unused(s.state[key], k, r, two)
                 if "step" in new[role]:
                     s.state["step"] = new[role]["step"]
             l._set_rank(k)
@@ -252,28 +255,41 @@ def _grad(p):
     return None if p is None else p.grad
 
 
+def _active(buf: torch.Tensor, r: int, two_sided: bool) -> torch.Tensor:
+    """The active block of a fixed buffer: buf[:, :r], or buf[:r, :r] for two-sided S-coordinates."""
+    return buf[:r, :r] if two_sided else buf[:, :r]
+
+
 def _active_state(state: dict, keys, r: int | None, two_sided: bool = False) -> dict:
     """The rule's view of a parameter's state: moment buffers cut to the active block (r None: whole)."""
-    out = {}
-    for key in keys:
-        if key in state:
-            buf = state[key]
-            out[key] = buf if r is None else (buf[:r, :r] if two_sided else buf[:, :r])
+    out = {key: state[key] if r is None else _active(state[key], r, two_sided) for key in keys if key in state}
     if "step" in state:
         out["step"] = state["step"]
     return out
 
 
-def _write_active(buf: torch.Tensor, new: torch.Tensor, k: int, r: int, two_sided: bool) -> None:
-    """buf[:, :k] = new (buf[:k, :k] for two-sided S-coordinates) where buf was zero outside its leading
-    r columns (r × r block): only the columns k..r that fall out of use are zeroed."""
+def _buffer(state: dict, key: str, like: torch.Tensor) -> torch.Tensor:
+    """state[key], allocated (zeros shaped like the parameter's working value) on first use."""
+    if key not in state:
+        state[key] = torch.zeros_like(like)
+    return state[key]
+
+
+def _zero_unused(buf: torch.Tensor, k: int, r: int, two_sided: bool) -> None:
+    """Zero what falls out of use when the rank goes from r to k (buf is zero beyond its leading r)."""
+    if k >= r:
+        return
     if two_sided:
-        buf[:k, :k].copy_(new)
         buf[k:r, :r].zero_()
         buf[:k, k:r].zero_()
     else:
-        buf[:, :k].copy_(new)
         buf[:, k:r].zero_()
+
+
+def _write_active(buf: torch.Tensor, new: torch.Tensor, k: int, r: int, two_sided: bool) -> None:
+    """buf's active block at rank k = new; the part that falls out of use (rank r before) is zeroed."""
+    _active(buf, k, two_sided).copy_(new)
+    _zero_unused(buf, k, r, two_sided)
 
 
 def _finite(grads) -> list:

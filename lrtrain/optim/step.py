@@ -92,16 +92,17 @@ def reference_update_layers(items: list[LayerStep], lr: float, tau: float, min_r
     return [reference_update(item, lr, tau, min_rank) for item in items]
 
 
-def transport_state(states: dict, R_U: torch.Tensor, R_V: torch.Tensor, linear_keys, square_keys) -> None:
-    """Step 4, in place on ``states = {'U': {...}, 'S': {...}, 'V': {...}}`` (K-, S- and L-coordinates)."""
+def transport_state(states: dict, R_U: torch.Tensor, R_V: torch.Tensor, linear_keys, square_keys,
+                    out: dict | None = None) -> None:
+    """Step 4 on ``states = {'U': {...}, 'S': {...}, 'V': {...}}`` (K-, S- and L-coordinates): each entry is
+    replaced by its transported value. ``out`` (same nesting, tensors of the transported shapes, e.g. views
+    of fixed buffers) receives the results instead of new tensors."""
     sq_U, sq_V = R_U.square(), R_V.square()
-    for key in linear_keys:
-        if key in states["U"]:
-            states["U"][key] = states["U"][key] @ R_V
-            states["V"][key] = states["V"][key] @ R_U
-            states["S"][key] = R_U.mT @ states["S"][key] @ R_V
-    for key in square_keys:
-        if key in states["U"]:
-            states["U"][key] = states["U"][key] @ sq_V
-            states["V"][key] = states["V"][key] @ sq_U
-            states["S"][key] = sq_U.mT @ states["S"][key] @ sq_V
+    for keys, A, B in ((linear_keys, R_U, R_V), (square_keys, sq_U, sq_V)):
+        for key in keys:
+            if key not in states["U"]:
+                continue
+            dst = (lambda role: None) if out is None else (lambda role: out[role][key])  # noqa: E731
+            states["U"][key] = torch.matmul(states["U"][key], B, out=dst("U"))
+            states["V"][key] = torch.matmul(states["V"][key], A, out=dst("V"))
+            states["S"][key] = torch.matmul(A.mT @ states["S"][key], B, out=dst("S"))
