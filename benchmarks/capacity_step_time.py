@@ -1,13 +1,15 @@
-"""Training-step time of fixed-capacity factors against an earlier lrtrain checkout, side by side.
+"""Training-step time of fixed-capacity factors against an earlier lrtrain checkout, in one process.
 
 The 784-2048-2048-2048-10 MLP, hidden layers factorized at rank 64 (τ = 0 and max_rank = 64, so the rank
-stays at 64 and every timed step does the same work), batch 256, DLRT (AdamW, backend "auto"). One whole
-training step = zero_grad + forward + backward + ``opt.step()``. This checkout runs at its default capacity
-(2·rank = 128: forward/backward must follow the active rank, not the capacity) and at capacity 64; the
-baseline (a checkout given by ``--baseline``, e.g. ``git worktree add /tmp/base 6ab3882`` built with
-``python setup.py build_ext --inplace``) runs its own code. Each variant runs in its own process,
-interleaved round-robin for ``--rounds`` rounds; the report gives each variant's median and its ratio to
-the baseline.
+stays at 64 and every timed step does the same work), batch 256, DLRT (AdamW, backend "auto"). One training
+step = zero_grad + forward + backward (timed as "fwd+bwd") + ``opt.step()`` (timed as "step").
+
+Variants: the baseline checkout (``--baseline``, e.g. ``git worktree add /tmp/base 6ab3882`` built with
+``python setup.py build_ext --inplace``; it is imported under the name ``lrtrain_base``), and this checkout
+with the same call ``lowrank(rank=64, max_rank=64)`` (capacity = max_rank = 64 by the capacity rule) and
+with capacity 128 (2·rank: room for the rank to double). All variants live in one process and their steps
+are interleaved round-robin, so machine noise hits them alike; the report gives medians per phase and the
+ratio of the whole step to the baseline's.
 
     OMP_NUM_THREADS=2 python benchmarks/capacity_step_time.py --baseline /tmp/base --out benchmarks/results
 """
@@ -17,71 +19,82 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 
-WORKER = r"""
-import json, statistics, sys, time, torch
-import torch.nn.functional as F
-import lrtrain
-from lrtrain.models import mlp
-cap = json.loads(sys.argv[1])
-torch.manual_seed(0)
-kw = dict(rank=64, max_rank=64) if cap is None else dict(rank=64, max_rank=64, capacity=cap)
-model = lrtrain.lowrank(mlp(784, [2048, 2048, 2048], 10), **kw)
-opt = lrtrain.DLRT(model.parameters(), lr=1e-4, tau=0.0)
-x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
-times = []
-for i in range(int(sys.argv[2])):
-    t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    times.append(time.perf_counter() - t0)
-ranks = sorted({m.rank for m in model.modules() if hasattr(m, "rank") and not callable(m.rank)})
-print(json.dumps(dict(median_ms=1e3 * statistics.median(times[3:]), ranks=ranks, where=lrtrain.__file__)))
-"""
+import lrtrain  # noqa: E402
+from lrtrain.models import mlp  # noqa: E402
 
 
-def run(path: str, capacity, steps: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=path)
-    out = subprocess.run([sys.executable, "-c", WORKER, json.dumps(capacity), str(steps)], env=env, cwd="/",
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def import_baseline(path: str):
+    """The package ``lrtrain`` of checkout ``path`` (built in place), importable as ``lrtrain_base``."""
+    tmp = tempfile.mkdtemp(prefix="lrtrain_base_")
+    shutil.copytree(os.path.join(path, "lrtrain"), os.path.join(tmp, "lrtrain_base"))
+    backends = os.path.join(tmp, "lrtrain_base", "ext", "backends.py")
+    with open(backends) as f:
+        src = f.read()
+    with open(backends, "w") as f:  # its compiled module by its new package name
+        f.write(src.replace('f"lrtrain.ext._{name}"', 'f"lrtrain_base.ext._{name}"'))
+    sys.path.insert(0, tmp)
+    import lrtrain_base
+
+    return lrtrain_base
+
+
+def case(pkg, **kw):
+    torch.manual_seed(0)
+    model = pkg.lowrank(mlp(784, [2048, 2048, 2048], 10), rank=64, max_rank=64, **kw)
+    return model, pkg.DLRT(model.parameters(), lr=1e-4, tau=0.0)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="path of the earlier checkout (built in place)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=80, help="timed steps per variant (after 5 warm-up steps)")
     ap.add_argument("--out", default=None, help="folder for capacity_step_time.{md,json}")
     args = ap.parse_args(argv)
-    variants = {"baseline (fixed shapes absent)": (args.baseline, None),
-                "fixed capacity, c = 2·rank (default)": (ROOT, 128),
-                "fixed capacity, c = rank": (ROOT, 64)}
-    samples = {k: [] for k in variants}
-    ranks = {}
-    for _ in range(args.rounds):
-        for name, (path, cap) in variants.items():
-            res = run(path, cap, args.steps)
-            samples[name].append(res["median_ms"])
-            ranks[name] = res["ranks"]
-    base = statistics.median(samples[next(iter(variants))])
-    rows = [dict(variant=k, median_ms=statistics.median(v), ratio=statistics.median(v) / base, rounds=v, ranks=ranks[k])
-            for k, v in samples.items()]
-    lines = [f"# Training step: fixed capacity vs baseline ({datetime.date.today()}, "
-             f"{os.environ.get('OMP_NUM_THREADS', 'default')} threads, {os.cpu_count()} cores)", "",
+    base = import_baseline(args.baseline)
+    variants = {"baseline": case(base), "fixed capacity, c = 64 (same call)": case(lrtrain),
+                "fixed capacity, c = 128 (2·rank)": case(lrtrain, capacity=128)}
+    x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
+    times = {k: {"fwd+bwd": [], "step": [], "total": []} for k in variants}
+    for i in range(args.steps + 5):
+        for name, (model, opt) in variants.items():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            if i >= 5:
+                times[name]["fwd+bwd"].append(t1 - t0)
+                times[name]["step"].append(t2 - t1)
+                times[name]["total"].append(t2 - t0)
+    med = {k: {p: 1e3 * statistics.median(v) for p, v in ph.items()} for k, ph in times.items()}
+    ref = med["baseline"]["total"]
+    rows = [dict(variant=k, **{p + "_ms": v for p, v in m.items()}, ratio=m["total"] / ref,
+                 ranks=sorted({l.rank for l in variants[k][0].modules() if hasattr(l, "max_rank")}))
+            for k, m in med.items()]
+    threads = torch.get_num_threads()
+    lines = [f"# Training step: fixed capacity vs baseline ({datetime.date.today()}, {threads} threads, "
+             f"{os.cpu_count()} cores, torch {torch.__version__})", "",
              "784-2048³-10 MLP, hidden layers at rank 64 (τ = 0, max_rank 64), batch 256, DLRT AdamW, backend auto; "
-             "median over rounds of each process's median step; variants interleaved round-robin.", "",
-             f"Baseline: {args.baseline}", "", "| variant | step (ms) | vs baseline | ranks |", "|---|---:|---:|---|"]
-    lines += [f"| {r['variant']} | {r['median_ms']:.1f} | {r['ratio']:.2f}x | {r['ranks']} |" for r in rows]
-    lines += ["", f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/capacity_step_time.py "
-              f"--baseline {args.baseline} --rounds {args.rounds} --steps {args.steps}`"]
+             f"medians over {args.steps} steps, all variants in one process, interleaved step by step.", "",
+             f"Baseline: `{args.baseline}`", "",
+             "| variant | fwd+bwd (ms) | opt.step (ms) | train step (ms) | vs baseline | ranks |", "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['variant']} | {r['fwd+bwd_ms']:.2f} | {r['step_ms']:.2f} | {r['total_ms']:.2f} | {r['ratio']:.3f}x | "
+              f"{r['ranks']} |" for r in rows]
+    lines += ["", f"Command: `OMP_NUM_THREADS={threads} python benchmarks/capacity_step_time.py --baseline "
+              f"{args.baseline} --steps {args.steps}`"]
     print("\n".join(lines))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
