@@ -19,12 +19,28 @@ from einops import rearrange
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input, conv2d_weight
-from torch.nn.modules.utils import _pair
 
 from .autograd import active, compute_dtype, core_backward, pad_grads
-from .factors import FactorizedMixin, truncated_svd_factors
+from .factors import FactorizedMixin, _check_bool, _check_int, truncated_svd_factors
 
 __all__ = ["LowRankConv2d"]
+
+
+def _check_pair(name: str, value, lo: int):
+    """An int or a pair (tuple / list) of ints, each >= lo, as a tuple of two ints."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < lo for v in pair):
+        raise ValueError(f"{name} must be an int >= {lo} or a pair of such ints, got {value!r}")
+    return pair
+
+
+def _check_conv(groups, padding_mode, padding) -> None:
+    if groups != 1:
+        raise ValueError(f"groups must be 1 for LowRankConv2d (grouped/depthwise kernels are not factorized), got {groups}")
+    if padding_mode != "zeros":
+        raise ValueError(f"padding_mode must be 'zeros', got {padding_mode!r}")
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int >= 0 or a pair of such ints (not 'same' / 'valid'), got {padding!r}")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -111,16 +127,14 @@ class LowRankConv2d(FactorizedMixin, nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
                  dilation=1, bias: bool = True, max_rank: int | None = None, groups: int = 1,
                  padding_mode: str = "zeros", device=None, dtype=None, capacity: int | None = None):
+        in_channels, out_channels = _check_int("in_channels", in_channels, 1), _check_int("out_channels", out_channels, 1)
+        _check_conv(groups, padding_mode, padding)
+        kernel_size, stride = _check_pair("kernel_size", kernel_size, 1), _check_pair("stride", stride, 1)
+        padding, dilation = _check_pair("padding", padding, 0), _check_pair("dilation", dilation, 1)
+        _check_bool("bias", bias)
         super().__init__()
-        if groups != 1:
-            raise ValueError(f"groups must be 1 for LowRankConv2d (grouped/depthwise kernels are not factorized), got {groups}")
-        if padding_mode != "zeros":
-            raise ValueError(f"padding_mode must be 'zeros', got {padding_mode!r}")
-        if isinstance(padding, str):
-            raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
         fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._init_factors(self.out_channels, fan_in, rank, max_rank, capacity, device, dtype)
         self._init_bias(bias, self.out_channels, fan_in, device, dtype)
@@ -138,8 +152,9 @@ class LowRankConv2d(FactorizedMixin, nn.Module):
     def from_dense(cls, layer: nn.Conv2d, rank: int | None = None, tau: float | None = None,
                    max_rank: int | None = None, capacity: int | None = None) -> "LowRankConv2d":
         """Truncated SVD of ``layer.weight`` reshaped to out × (in·kh·kw) (see LowRankLinear.from_dense)."""
-        if layer.groups != 1:
-            raise ValueError(f"groups must be 1 to factorize a Conv2d, got {layer.groups}")
+        if not isinstance(layer, nn.Conv2d):
+            raise ValueError(f"layer must be an nn.Conv2d, got {type(layer).__name__}")
+        _check_conv(layer.groups, layer.padding_mode, layer.padding)
         w = layer.weight
         U, S, V = truncated_svd_factors(w.reshape(w.shape[0], -1), rank, tau)
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, S.shape[0], layer.stride,

@@ -29,6 +29,8 @@ a layer's U, S, V among ``model.parameters()`` even after DDP or FSDP2 re-wrappe
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 import weakref
 
 import torch
@@ -63,10 +65,41 @@ def rank_probe(r: int, capacity: int) -> torch.Tensor:
     return probe
 
 
-def _check_int(name: str, value, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in [lo, hi] (hi None: no upper bound); bools, floats and strings are refused."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an int {'in ' if hi is not None else ''}{rng}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def _check_tau(tau) -> float | None:
+    """τ: None or a real number >= 0 (inf allowed: rank 1; NaN, bools and strings refused)."""
+    if tau is None:
+        return None
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau >= 0:
+        raise ValueError(f"tau must be >= 0 (a real number), got {tau!r}")
+    return float(tau)
+
+
+def _outer_strict() -> bool | None:
+    """The ``strict`` argument of the ``nn.Module.load_state_dict`` call now running (found on the stack);
+    None if there is none. torch passes ``strict=True`` to every ``_load_from_state_dict`` whatever the
+    caller asked for, and only applies the caller's value to missing / unexpected keys at the very end."""
+    code = nn.Module.load_state_dict.__code__
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is code:
+            return bool(f.f_locals.get("strict", True))
+        f = f.f_back
+    return None
 
 
 class FactorizedMixin:
@@ -200,13 +233,79 @@ class FactorizedMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        """Validate every entry of this layer first; copy nothing unless all of them are acceptable.
+
+        torch's ``Module.load_state_dict`` copies parameter by parameter and raises only at the end, so a
+        bad V (or a missing bias, or an unexpected key under ``strict``) would leave U and S already
+        overwritten. Here the layer's entries are checked before any copy: U (out, c), S (c, c), V (in_flat, c)
+        with c this layer's capacity, a bias of shape (out,), ``active_rank`` an integer r with
+        1 <= r <= capacity (r above ``max_rank`` is accepted: max_rank is configuration, not state, and DLRT
+        truncates to it at its next step), finite factors, and U, S, V exactly zero outside the leading r
+        columns / r × r block (the layer's invariant). Any problem is reported as torch reports it
+        (``error_msgs`` -> RuntimeError "Error(s) in loading state_dict ..."; missing / unexpected keys under
+        ``strict``) and this layer is left unchanged. (torch hands ``strict=True`` to every
+        ``_load_from_state_dict``; the caller's ``strict`` is read from the running ``Module.load_state_dict``
+        call. Called some other way, missing / unexpected keys are left to the caller as torch does.) Atomicity is per layer: torch loads module by module,
+        so a failure in another module of the model does not undo this layer's (valid) load.
+        """
+        local = {name: t for name, t in self._parameters.items() if t is not None}
+        local.update({name: t for name, t in self._buffers.items()
+                      if t is not None and name not in self._non_persistent_buffers_set})
+        extra = prefix + "_extra_state"
+        missing = [prefix + name for name in local if prefix + name not in state_dict]
+        unexpected = [k for k in state_dict if k.startswith(prefix) and k != extra
+                      and k[len(prefix):].split(".", 1)[0] not in local]
+        if (missing or unexpected) and _outer_strict():
+            missing_keys.extend(missing)
+            unexpected_keys.extend(unexpected)
+            return  # torch raises "Missing key(s)" / "Unexpected key(s)"; nothing copied here
+        errors = []
+        given = {}
+        for name, t in local.items():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            v = state_dict[key]
+            if not torch.overrides.is_tensor_like(v):
+                errors.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+                              f"object from checkpoint but received {type(v)}")
+                continue
+            if t.dim() == 0 and v.dim() == 1 and v.numel() == 1:  # torch's backward-compat rule for 0-dim
+                v = v[0]
+            if v.shape != t.shape:
+                errors.append(f"size mismatch for {key}: copying a param with shape {v.shape} from checkpoint, the "
+                              f"shape in current model is {t.shape} (out = {self.U.shape[0]}, in_flat = "
+                              f"{self.V.shape[0]}, capacity = {self.capacity})")
+                continue
+            given[name] = v
+        r = self.rank
+        if "active_rank" in given:
+            v = given["active_rank"]
+            if v.is_meta:
+                pass
+            elif v.dtype == torch.bool or v.is_complex() or (v.is_floating_point() and not float(v) == round(float(v))):
+                errors.append(f"{prefix}active_rank: must be an integer, got {v!r}")
+            else:
+                r = int(v)
+                if not 1 <= r <= self.capacity:
+                    errors.append(f"{prefix}active_rank: rank {r} outside [1, capacity = {self.capacity}] of this layer")
+        if not errors:
+            for role in ROLES:
+                t = given.get(role, getattr(self, role))
+                if t.is_meta:
+                    continue
+                if role in given and not bool(torch.isfinite(t).all()):
+                    errors.append(f"{prefix}{role}: the factor holds non-finite values (NaN or inf)")
+                    continue
+                rest = t[:, r:] if role != "S" else torch.cat([t[r:].flatten(), t[:r, r:].flatten()])
+                if rest.numel() and bool(rest.ne(0).any()):
+                    src = "checkpoint" if role in given else "current layer"
+                    errors.append(f"{prefix}{role}: nonzero entries outside the active rank r = {r} ({src}); "
+                                  f"a factor must be zero beyond its leading r columns (S: its r × r block)")
+        if errors:
+            error_msgs.extend(errors)
+            return
         n_err = len(error_msgs)
-        key = prefix + "active_rank"
-        if key in state_dict:
-            r = int(state_dict[key])
-            if not 1 <= r <= self.capacity:
-                error_msgs.append(f"{key}: rank {r} outside [1, capacity = {self.capacity}] of this layer")
-                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if len(error_msgs) == n_err:
@@ -225,8 +324,9 @@ def truncated_svd_factors(W: torch.Tensor, rank: int | None, tau: float | None):
 
     if rank is None and tau is None:
         raise ValueError("give rank (an int >= 1) or tau (a float >= 0)")
-    if tau is not None and not tau >= 0:
-        raise ValueError(f"tau must be >= 0, got {tau!r}")
+    if rank is not None:
+        _check_int("rank", rank, 1, min(W.shape))
+    tau = _check_tau(tau)
     Wd = W.detach().double()
     P, sigma, Qt = torch.linalg.svd(Wd, full_matrices=False)
     r = min(W.shape) if rank is None else rank

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .autograd import LowRankLinearFunction
-from .factors import FactorizedMixin, truncated_svd_factors
+from .factors import FactorizedMixin, _check_bool, _check_int, truncated_svd_factors
 
 __all__ = ["LowRankLinear"]
 
@@ -20,8 +20,10 @@ class LowRankLinear(FactorizedMixin, nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, max_rank: int | None = None,
                  bias: bool = True, device=None, dtype=None, capacity: int | None = None):
+        in_features, out_features = _check_int("in_features", in_features, 1), _check_int("out_features", out_features, 1)
+        _check_bool("bias", bias)
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features, self.out_features = in_features, out_features
         self._init_factors(self.out_features, self.in_features, rank, max_rank, capacity, device, dtype)
         self._init_bias(bias, self.out_features, self.in_features, device, dtype)
 
@@ -37,7 +39,10 @@ class LowRankLinear(FactorizedMixin, nn.Module):
     def from_dense(cls, layer: nn.Linear, rank: int | None = None, tau: float | None = None,
                    max_rank: int | None = None, capacity: int | None = None) -> "LowRankLinear":
         """Truncated SVD of ``layer.weight``: rank ``rank``, or the smallest rank within relative
-        Frobenius tolerance ``tau`` (both given: the smaller); capacity by the default rule."""
+        Frobenius tolerance ``tau`` (both given: the smaller); capacity by the default rule.
+        ``rank`` must be in [1, min(out, in)]."""
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"layer must be an nn.Linear, got {type(layer).__name__}")
         U, S, V = truncated_svd_factors(layer.weight, rank, tau)
         w = layer.weight
         new = cls(layer.in_features, layer.out_features, S.shape[0], max_rank=max_rank,
