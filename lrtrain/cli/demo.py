@@ -12,20 +12,25 @@ from ..data import load_dataset
 from ..models import mlp
 from ..optim import DLRT
 from ..train import fit
+from .args import CLIError, data_spec, nonneg_float, nonneg_int, positive_float, positive_int
+
+MIN_FEATURES = 16  # lowrank's default: narrower layers stay dense
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train an MLP dense and low-rank, print a comparison, plot ranks",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="digits", help="'digits' (bundled) or a directory of MNIST-format IDX files")
-    p.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="hidden widths")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--rank", type=int, default=40, help="initial rank of the factorized layers")
-    p.add_argument("--tau", type=float, default=0.12, help="relative truncation tolerance")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="digits", type=data_spec("digits"),
+                   help="'digits' (bundled) or a directory of MNIST-format IDX files")
+    p.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256],
+                   help=f"hidden widths (layers with min(out, in) < {MIN_FEATURES} stay dense)")
+    p.add_argument("--epochs", type=positive_int, default=15)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--weight-decay", type=nonneg_float, default=5e-4)
+    p.add_argument("--rank", type=positive_int, default=40, help="initial rank of the factorized layers")
+    p.add_argument("--tau", type=nonneg_float, default=0.12, help="relative truncation tolerance")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", default="lrtrain_out/demo", help="directory for ranks.png")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=run)
@@ -46,14 +51,23 @@ def run(args) -> int:
     sizes = (data.in_features, args.hidden, data.num_classes)
     rows = {}
 
+    # Both models are built before any training (the global RNG is seeded before each), so a
+    # conversion that factorizes nothing is refused before minutes of dense training.
     torch.manual_seed(args.seed)
     dense = mlp(*sizes)
+    torch.manual_seed(args.seed)
+    model = lowrank(mlp(*sizes), rank=args.rank, min_features=MIN_FEATURES)
+    report = model.lrtrain_summary
+    if not report.layers:
+        why = "; ".join(f"layer {name}: {reason}" for name, reason in report.skipped)
+        raise CLIError(f"no layer of MLP {'-'.join(map(str, [data.in_features, *args.hidden, data.num_classes]))} "
+                       f"can be factorized at rank {args.rank} ({why}); a layer needs min(out, in) >= {MIN_FEATURES} "
+                       "and a rank r with r(out + in) + r² < out·in")
+
     opt = torch.optim.AdamW(dense.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     h_dense = fit(dense, opt, data, args.epochs, args.batch_size, args.seed, _progress(not args.no_progress, "dense"))
     rows["dense AdamW"] = (h_dense, sum(p.numel() for p in dense.parameters()), "-")
 
-    torch.manual_seed(args.seed)
-    model = lowrank(mlp(*sizes), rank=args.rank)
     opt = DLRT(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, tau=args.tau)
     h_lr = fit(model, opt, data, args.epochs, args.batch_size, args.seed, _progress(not args.no_progress, "lrtrain"))
     final = h_lr.ranks[-1]
@@ -67,7 +81,10 @@ def run(args) -> int:
     print("|---|---:|---:|---|---:|")
     for name, (h, n, r) in rows.items():
         print(f"| {name} | {h.test_accuracy:.2f} | {n:,} | {r} | {sum(h.epoch_seconds) / len(h.epoch_seconds):.2f} |")
-    print(f"\nlrtrain: {allocated:,} parameters allocated (factors at their capacity)")
+    print(f"\nlrtrain: {allocated:,} parameters allocated (factors at their capacity); "
+          f"{len(report.layers)} of {len(report.layers) + len(report.skipped)} Linear layers factorized")
+    for name, reason in report.skipped:
+        print(f"  layer {name} left dense: {reason}")
     path = _plot_ranks(h_lr.ranks, args.out)
     if path:
         print(f"\nrank per layer over steps: {path}")
