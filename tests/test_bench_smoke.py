@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import lrtrain
 from lrtrain import LowRankLinear
 from lrtrain import benchmarking as B
 from lrtrain.cli import main
@@ -147,44 +148,158 @@ def test_galore_refresh_recomputes_the_projectors():
     assert all(p.ortho_matrix is not b for p, b in zip(projectors, before))
 
 
+def _table(md: str, header_start: str) -> list:
+    """Rows (lists of cell strings) of the markdown table whose header line starts with ``header_start``."""
+    lines = md.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _x(cell: str) -> float:
+    assert cell.endswith("x"), cell
+    return float(cell[:-1])
+
+
 def test_bench_command_writes_report_with_tables_targets_and_plots(tmp_path, capsys):
+    """Every number in the report parses and agrees with the JSON; ratios are the ratios of the timings;
+    parameter and memory counts are the model's; every method has its rows."""
     out = tmp_path / "bench"
     assert main(["bench", "--out", str(out), "--data", "digits", "--sizes", "64", "--ranks", "4", "8",
                  "--layer-batch", "16", "--conv-ranks", "4", "--conv-hw", "4", "--conv-batch", "1", "--step-models", "32-32@8:4", "--hidden", "32", "32",
                  "--epochs", "1", "--rank", "8", "--tau", "0.12", "--taus", "0.3", "--min-time", "0.01",
                  "--probes", "1"]) == 0
     md = (out / "bench.md").read_text()
-    assert "AMD" in md or "Intel" in md or "CPU:" in md
-    assert f"torch {torch.__version__}" in md
-    assert "lrtrain bench --out" in md and "--sizes 64 --ranks 4 8" in md
-    rows = re.findall(r"^\| 64 \| (\d+) \| [\d.]+ \| [\d.]+ \| ([\d.]+)x \| ([\d.]+)x \| \d+% \|$", md, re.M)
-    assert [int(r[0]) for r in rows] == [4, 8]
-    for r, _, ideal in rows:
-        assert float(ideal) == pytest.approx(B.flop_ideal_speedup(64, 64, int(r)), abs=0.006)
-    if not B.galore_status()[0]:
-        assert "GaLoreAdamW not benchmarked" in md
-    labels = [lab for m in B.available_methods()
-              for lab in ([f"{m.label} τ=0.12", f"{m.label} τ=0.3"] if m.is_lrtrain else [m.label])]
-    e2e = re.findall(r"^\| ([^|]+?) \| ([\d.]+) \| [\d.]+x \| ([\d.]+) \| [-+][\d.]+ \| ([\d,]+) \| ([\d.]+) \|",
-                     md, re.M)
-    assert [r[0] for r in e2e] == labels
-    assert all(0 <= float(r[2]) <= 100 for r in e2e)
-    params = {r[0]: int(r[3].replace(",", "")) for r in e2e}
-    assert params["dense AdamW"] == sum(p.numel() for p in mlp(64, [32, 32], 10).parameters())
-    steps = re.findall(r"^\| 784-32-32-10 \| 8 \| 4 \| ([^|]+?) \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+ \| ([\d.]+)x \|",
-                       md, re.M)
-    assert [r[0] for r in steps] == [m.label for m in B.available_methods()] and steps[0][1] == "1.00"
-    assert "GPU numbers: not measured, no GPU in this session" in md or torch.cuda.is_available()
-    assert "| layer fwd+bwd 4096², r=256, CPU: speedup / FLOP-ideal | - | >= 60% | not measured |" in md
-    assert len(re.findall(r"\| (met|MISSED) \|", md)) >= 2
     data = json.loads((out / "bench.json").read_text())
-    assert {r["method"] for r in data["e2e"]} == set(labels)
-    assert all(math.isfinite(r["train_wall_s"]) and r["memory"]["peak"] > 0 for r in data["e2e"])
+    methods = B.available_methods()
+    assert methods[0].key == "dense" and any(m.is_lrtrain for m in methods)
+    galore = B.galore_status()[0]
+    assert galore == any(m.key == "galore" for m in methods)
+
+    # the command that reproduces the run, and the machine it ran on
+    assert "lrtrain bench --out" in md and "--sizes 64 --ranks 4 8" in md and "--taus 0.3" in md
+    m = data["machine"]
+    assert m["torch"] == torch.__version__ and m["torch_threads"] == 1  # the autouse fixture's 1 thread
+    assert f"- CPU: {m['cpu']}; {m['cores']} cores ({m['cores_usable']} usable), torch threads: 1" in md
+    assert m["cpu"].strip() and m["cores"] >= m["cores_usable"] >= 1
+    assert f"torch {torch.__version__};" in md
+    if not torch.cuda.is_available():
+        assert m["device"].startswith("cpu") and "- GPU numbers: not measured, no GPU in this session" in md
+    if not galore:
+        assert "GaLoreAdamW not benchmarked" in md
+
+    # layers: one row per rank; speedup = dense / low-rank time; ideal = the FLOP formula; % = speedup / ideal
+    rows = _table(md, "| size | rank | nn.Linear (ms)")
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(64, 4), (64, 8)]
+    assert [(j["size"], j["rank"]) for j in data["layers"]] == [(64, 4), (64, 8)]
+    for r, j in zip(rows, data["layers"]):
+        dense_ms, low_ms, speedup, ideal = float(r[2]), float(r[3]), _x(r[4]), _x(r[5])
+        assert dense_ms > 0 and low_ms > 0 and j["dense_ms"] > 0 and j["lowrank_ms"] > 0
+        assert (dense_ms, low_ms) == (round(j["dense_ms"], 2), round(j["lowrank_ms"], 2))
+        assert j["speedup"] == pytest.approx(j["dense_ms"] / j["lowrank_ms"], rel=1e-9)
+        assert speedup == pytest.approx(j["speedup"], abs=0.006)
+        assert j["ideal"] == pytest.approx(B.flop_ideal_speedup(64, 64, j["rank"]), rel=1e-12)
+        assert ideal == pytest.approx(j["ideal"], abs=0.006)
+        assert j["fraction_of_ideal"] == pytest.approx(j["speedup"] / j["ideal"], rel=1e-9)
+        assert r[6] == f"{j['fraction_of_ideal']:.0%}"
+
+    # conv block: the same relations
+    rows = _table(md, "| rank | nn.Conv2d (ms)")
+    assert [int(r[0]) for r in rows] == [j["rank"] for j in data["conv"]] == [4]
+    for r, j in zip(rows, data["conv"]):
+        assert j["speedup"] == pytest.approx(j["dense_ms"] / j["lowrank_ms"], rel=1e-9)
+        assert _x(r[3]) == pytest.approx(j["speedup"], abs=0.006) and _x(r[4]) == pytest.approx(j["ideal"], abs=0.006)
+        assert j["ideal"] > 1 and j["fraction_of_ideal"] == pytest.approx(j["speedup"] / j["ideal"], rel=1e-9)
+
+    # optimizer step: one row per method; train speedup = dense / method's amortized train step, optimizer step
+    # ratio = method / dense
+    rows = _table(md, "| MLP | batch | rank | method | train step (ms)")
+    assert [r[3] for r in rows] == [mm.label for mm in methods] == [j["method"] for j in data["optimizer"]]
+    assert all(r[:3] == ["784-32-32-10", "8", "4"] for r in rows)
+    dense = data["optimizer"][0]
+    for r, j in zip(rows, data["optimizer"]):
+        assert j["train_step_ms"] > 0 and j["opt_step_ms"] > 0
+        assert float(r[4]) == round(j["train_step_ms"], 1) and float(r[7]) == round(j["opt_step_ms"], 1)
+        assert j["train_vs_dense"] == pytest.approx(dense["train_step_ms"] / j["amortized_train_step_ms"], rel=1e-9)
+        assert float(r[5]) == round(j["amortized_train_step_ms"], 1)
+        assert j["opt_step_vs_dense"] == pytest.approx(j["opt_step_ms"] / dense["opt_step_ms"], rel=1e-9)
+        assert _x(r[6]) == pytest.approx(j["train_vs_dense"], abs=0.006)
+        assert _x(r[8]) == pytest.approx(j["opt_step_vs_dense"], abs=0.006)
+        if j["key"] == "galore":  # amortized = steady step + (refresh - steady optimizer step)+ / gap
+            assert j["refresh_step_ms"] > 0 and float(r[9]) == round(j["refresh_step_ms"], 1)
+            assert j["amortized_train_step_ms"] == pytest.approx(
+                j["train_step_ms"] + max(j["refresh_step_ms"] - j["opt_step_ms"], 0) / 200, rel=1e-9)
+        else:
+            assert r[9] == "-" and j["amortized_train_step_ms"] == j["train_step_ms"]
+    assert rows[0][6] == "1.00x" and rows[0][8] == "1.00x"
+
+    # end to end: one row per method (lrtrain methods once per τ); wall ratio, Δ accuracy, parameters,
+    # memory and final ranks consistent with the JSON and with the models
+    labels = [lab for mm in methods for lab in ([f"{mm.label} τ=0.12", f"{mm.label} τ=0.3"] if mm.is_lrtrain else [mm.label])]
+    rows = _table(md, "| method | wall (s) | vs dense")
+    e2e = data["e2e"]
+    assert [r[0] for r in rows] == labels == [j["method"] for j in e2e]
+    n_test = 449  # digits: 1797 images, a quarter held out
+    dense = e2e[0]
+    dense_model = mlp(64, [32, 32], 10)
+    assert dense["parameters"] == sum(p.numel() for p in dense_model.parameters())
+    for r, j in zip(rows, e2e):
+        assert j["epochs"] == 1 and j["train_wall_s"] > 0 and math.isfinite(j["train_wall_s"])
+        assert float(r[1]) == round(j["train_wall_s"], 1)
+        assert _x(r[2]) == pytest.approx(j["train_wall_s"] / dense["train_wall_s"], abs=0.006)
+        acc = float(r[3])
+        assert 0 <= acc <= 100 and acc == round(j["test_accuracy"], 2)
+        assert j["test_accuracy"] * n_test / 100 == pytest.approx(round(j["test_accuracy"] * n_test / 100), abs=1e-6)
+        assert float(r[4]) == pytest.approx(j["test_accuracy"] - dense["test_accuracy"], abs=0.006)
+        assert int(r[5].replace(",", "")) == j["parameters"]
+        mem = j["memory"]
+        assert float(r[6]) == round(mem["peak"] / 2 ** 20, 1)
+        assert _x(r[7]) == pytest.approx(mem["peak"] / dense["memory"]["peak"], abs=0.006)
+        assert mem["peak"] >= mem["parameters"] + mem["gradients"] > 0
+        if j["key"] in ("dense", "galore"):
+            assert r[9] == "-" and j["parameters"] == dense["parameters"]
+            assert mem["parameters"] == 4 * dense["parameters"]  # float32
+            continue
+        # lrtrain: hidden layers 64->32 and 32->32 factorized at ranks (r1, r2), 32->10 left dense (330)
+        ranks = list(j["final_ranks"].values())
+        assert r[9] == " ".join(map(str, ranks)) and len(ranks) == 2
+        assert all(1 <= k <= 16 for k in ranks)  # capacity 2 * rank 8
+        r1, r2 = ranks
+        assert j["parameters"] == r1 * (64 + 32 + r1) + 32 + r2 * (32 + 32 + r2) + 32 + 330
+        assert j["parameters_initial"] == 8 * (64 + 32 + 8) + 32 + 8 * (32 + 32 + 8) + 32 + 330
+        allocated = sum(p.numel() for p in lrtrain.lowrank(mlp(64, [32, 32], 10), rank=8).parameters())
+        assert mem["parameters"] == 4 * allocated
+        assert len(j["rank_trajectory"]) == j["steps"] == math.ceil(1348 / 128)
+        assert j["rank_trajectory"][-1] == j["final_ranks"]
+    # targets: every row has a status; measured end-to-end values are the ratios of the runs above
+    targets = _table(md, "| target | measured | threshold")
+    assert targets and all(t[3] in ("met", "MISSED", "not measured") for t in targets)
+    assert "| layer fwd+bwd 4096², r=256, CPU: speedup / FLOP-ideal | - | >= 60% | not measured |" in md
+    by_label = {j["method"]: j for j in e2e}
+    wall = [t for t in targets if t[0].startswith("end-to-end wall time")]
+    assert len(wall) == len(labels) - 1 - galore
+    for t in wall:
+        j = by_label[re.search(r"\), (.+?) / dense AdamW", t[0]).group(1)]
+        ratio = j["train_wall_s"] / dense["train_wall_s"]
+        assert _x(t[1]) == pytest.approx(ratio, abs=0.006)
+        ok = ratio <= 0.6 and j["test_accuracy"] - dense["test_accuracy"] >= -0.5
+        assert t[3] == ("met" if ok else "MISSED")
+    for t in (t for t in targets if t[0].startswith("peak training memory")):
+        j = by_label[re.search(r"memory, (.+?) / dense AdamW", t[0]).group(1)]
+        ratio = j["memory"]["peak"] / dense["memory"]["peak"]
+        assert _x(t[1]) == pytest.approx(ratio, abs=0.006) and t[3] == ("met" if ratio <= 0.5 else "MISSED")
+
+    # plots, and the JSON reloads into the same results
     for name in ("speedup", "accuracy", "ranks"):
         assert (out / f"bench_{name}.png").read_bytes()[:8] == PNG
     again = B.load_results(str(out / "bench.json"))
     assert again.e2e == data["e2e"] and len(B.make_plots(again, str(tmp_path / "replot"))) == 3
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'bench.md'}" in printed
 
 
 def test_tuning_holds_out_a_validation_split_and_runs_a_config():
