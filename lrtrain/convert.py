@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .layers import LowRankConv2d, LowRankLinear
-from .layers.factors import FactorizedMixin
+from .layers.factors import FactorizedMixin, _check_bool, _check_int, _check_tau
 
 __all__ = ["lowrank", "densify", "summary", "Summary", "active_parameters"]
 
@@ -27,8 +27,8 @@ class Summary:
         lines = [f"lrtrain: {len(self.layers)} layer(s) factorized, parameters {self.params_before:,} -> "
                  f"{self.params_active:,} active at the current ranks ({self.params_active / max(self.params_before, 1):.1%}), "
                  f"{self.params_after:,} allocated ({self.params_after / max(self.params_before, 1):.1%})"]
-        lines += [f"  {n:<40s} {shape:>14s}  rank {r} (capacity {c})" for n, shape, r, c in self.layers]
-        lines += [f"  {n:<40s} left dense: {why}" for n, why in self.skipped]
+        lines += [f"  {n or '(the model itself)':<40s} {shape:>14s}  rank {r} (capacity {c})" for n, shape, r, c in self.layers]
+        lines += [f"  {n or '(the model itself)':<40s} {'' if why == 'already factorized' else 'left dense: '}{why}" for n, why in self.skipped]
         return "\n".join(lines)
 
 
@@ -49,44 +49,93 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _patterns(name: str, value):
+    """None, one glob pattern (a str) or a list / tuple / set of them -> tuple of patterns (or None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(p, str) for p in value):
+        return tuple(value)
+    raise ValueError(f"{name} must be a glob pattern (str) or a list of them, got {value!r}")
+
+
 def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None, include=None, exclude=None,
             min_features: int = 16, max_rank: int | None = None, capacity: int | None = None,
             inplace: bool = True, verbose: bool = False) -> nn.Module:
     """Replace the nn.Linear and nn.Conv2d layers of ``model`` by LowRankLinear / LowRankConv2d.
 
     Each layer is initialized from the truncated SVD of its weight (``from_dense``): rank
-    ``min(rank, min(out, in))``, or chosen by the tolerance ``tau``, or the smaller of both.
-    ``include`` / ``exclude``: glob patterns on qualified module names (``"encoder.*.fc1"``).
+    ``min(rank, min(out, in))``, or chosen by the tolerance ``tau``, or the smaller of both; never above
+    ``max_rank`` or ``capacity`` when those are given.
+    ``include`` / ``exclude``: one glob pattern (a str is ONE pattern) or a list of them, matched against
+    qualified module names (``"encoder.*.fc1"``); ``include`` keeps only the layers some pattern matches.
     Left dense: layers with min(out, in) < ``min_features``, layers where the factorization would not
-    save parameters (r(out + in) + r² ≥ out·in), grouped convolutions, and the out_proj of
-    nn.MultiheadAttention (which reads its weight directly). Capacity (allocated width of U, V) per layer:
-    ``capacity`` if given, else ``max_rank`` if given, else min(2·rank, min(out, in)) (each clipped to
-    [rank, min(out, in)]); ``max_rank`` defaults to the capacity. Returns the model (a converted copy if
-    ``inplace=False``); ``verbose`` prints :func:`summary`-style report of the conversion.
+    save parameters (r(out + in) + r² ≥ out·in), grouped / non-zero-padded / 'same'-padded convolutions,
+    and the out_proj of nn.MultiheadAttention (which reads its weight directly). Capacity (allocated width
+    of U, V) per layer: ``capacity`` if given, else ``max_rank`` if given, else min(2·rank, min(out, in)),
+    each at most min(out, in); ``max_rank`` defaults to the capacity.
+
+    Arguments are checked before anything changes: ``rank`` an int >= 1; ``tau`` a real number >= 0 (one of
+    the two required); ``max_rank``, ``capacity`` ints >= rank (>= 1 with ``tau`` alone), ``max_rank`` <=
+    ``capacity``; ``min_features`` an int >= 1; ``inplace``, ``verbose`` bools.
+
+    Returns the model (a converted copy if ``inplace=False``), with ``model.lrtrain_summary`` (a
+    :class:`Summary` of this call); ``verbose`` prints it. Layers that are already factorized are listed
+    in ``skipped`` as "already factorized": a second call on a converted model changes nothing and its
+    summary reports 0 layers factorized. When ``model`` itself is an nn.Linear / nn.Conv2d, the converted
+    layer is returned (the argument is never modified in that case: use the return value).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if rank is None and tau is None:
         raise ValueError("lowrank: give rank (an int >= 1) or tau (a float >= 0)")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    if tau is not None and not tau >= 0:
-        raise ValueError(f"tau must be >= 0, got {tau!r}")
+    tau = _check_tau(tau)
+    lo = 1 if rank is None else rank
+    if max_rank is not None:
+        _check_int("max_rank", max_rank, lo)
+    if capacity is not None:
+        _check_int("capacity", capacity, lo)
+        if max_rank is not None and max_rank > capacity:
+            raise ValueError(f"max_rank must be an int in [{lo}, capacity = {capacity}], got {max_rank!r}")
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+    _check_int("min_features", min_features, 1)
+    _check_bool("inplace", inplace)
+    _check_bool("verbose", verbose)
     if not inplace:
         model = copy.deepcopy(model)
-    report = Summary(params_before=_count(model))
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, FactorizedMixin) or not isinstance(child, (nn.Linear, nn.Conv2d)):
-                continue
-            if include is not None and not _matches(name, include) or exclude is not None and _matches(name, exclude):
-                report.skipped.append((name, "excluded by include/exclude"))
-                continue
-            new, why = _convert(child, parent, rank, tau, max_rank, capacity, min_features)
-            if new is not None:
-                setattr(parent, child_name, new)
-                report.layers.append((name, f"{new.U.shape[0]} x {new.V.shape[0]}", new.rank, new.capacity))
-            else:
-                report.skipped.append((name, why))
+    report = Summary(params_before=summary(model).params_before)
+    args = (rank, tau, max_rank, capacity, min_features)
+
+    def visit(name, child, parent):
+        """The converted layer, or None (reason recorded) when ``child`` stays as it is."""
+        if isinstance(child, FactorizedMixin):
+            report.skipped.append((name, "already factorized"))
+            return None
+        if not isinstance(child, (nn.Linear, nn.Conv2d)):
+            return None
+        if include is not None and not _matches(name, include) or exclude is not None and _matches(name, exclude):
+            report.skipped.append((name, "excluded by include/exclude"))
+            return None
+        new, why = _convert(child, parent, *args)
+        if new is None:
+            report.skipped.append((name, why))
+        else:
+            report.layers.append((name, f"{new.U.shape[0]} x {new.V.shape[0]}", new.rank, new.capacity))
+        return new
+
+    if isinstance(model, (nn.Linear, nn.Conv2d, FactorizedMixin)):  # the model is a single layer
+        new = visit("", model, None)
+        if new is not None:
+            model = new
+    else:
+        for parent_name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                new = visit(f"{parent_name}.{child_name}" if parent_name else child_name, child, parent)
+                if new is not None:
+                    setattr(parent, child_name, new)
     report.params_after, report.params_active = _count(model), active_parameters(model)
     model.lrtrain_summary = report
     if verbose:
@@ -102,20 +151,19 @@ def _convert(child, parent, rank, tau, max_rank, capacity, min_features):
         return None, "grouped / non-zero-padded / string-padded conv"
     w = child.weight
     out_f, in_f = w.shape[0], w[0].numel()
-    if min(out_f, in_f) < min_features:
-        return None, f"min(out, in) = {min(out_f, in_f)} < min_features = {min_features}"
-    r = min(rank, out_f, in_f) if rank is not None else min(out_f, in_f)
+    full = min(out_f, in_f)
+    if full < min_features:
+        return None, f"min(out, in) = {full} < min_features = {min_features}"
+    # The largest rank this layer may start at: rank, max_rank, capacity, min(out, in) (tau may pick less).
+    r = min(v for v in (rank, max_rank, capacity, full) if v is not None)
     if rank is not None and r * (out_f + in_f) + r * r >= out_f * in_f:
         return None, f"rank {r} would not save parameters"
+    cap = None if capacity is None else min(capacity, full)
+    mr = None if max_rank is None else min(max_rank, full)
     cls = LowRankLinear if isinstance(child, nn.Linear) else LowRankConv2d
-    full = min(out_f, in_f)
-    clip = lambda v: None if v is None else max(min(v, full), r)  # noqa: E731
-    cap, mr = clip(capacity), clip(max_rank)
-    if cap is not None and mr is not None:
-        mr = min(mr, cap)
     new = cls.from_dense(child, rank=r, tau=tau, max_rank=mr, capacity=cap)
     if new.rank * (out_f + in_f) + new.rank ** 2 >= out_f * in_f:
-        return None, f"rank {new.rank} (from tau) would not save parameters"
+        return None, f"rank {new.rank}{' (from tau)' if tau is not None else ''} would not save parameters"
     return new, None
 
 

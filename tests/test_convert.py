@@ -88,3 +88,80 @@ def test_bad_arguments():
         lrtrain.lowrank(mlp(10, [10], 2), rank=0)
     with pytest.raises(ValueError, match="tau must be >= 0"):
         lrtrain.lowrank(mlp(10, [10], 2), tau=-1.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rank=8, max_rank=4), r"max_rank must be an int >= 8, got 4"),
+    (dict(rank=8, max_rank=0), r"max_rank must be an int >= 8, got 0"),
+    (dict(rank=8, max_rank=-5), r"max_rank must be an int >= 8, got -5"),
+    (dict(rank=8, max_rank=2.5), r"max_rank must be an int >= 8, got 2.5"),
+    (dict(tau=0.1, max_rank=0), r"max_rank must be an int >= 1, got 0"),
+    (dict(rank=8, capacity=4), r"capacity must be an int >= 8, got 4"),
+    (dict(rank=8, capacity=16.0), r"capacity must be an int >= 8"),
+    (dict(rank=4, capacity=8, max_rank=9), r"max_rank must be an int in \[4, capacity = 8\], got 9"),
+    (dict(rank=True), r"rank must be an int >= 1, got True"),
+    (dict(rank=2.0), r"rank must be an int >= 1"),
+    (dict(tau="0.1"), r"tau must be >= 0"),
+    (dict(tau=float("nan")), r"tau must be >= 0"),
+    (dict(rank=8, include=3), r"include must be a glob pattern \(str\) or a list of them, got 3"),
+    (dict(rank=8, exclude=["fc", 1]), r"exclude must be a glob pattern"),
+    (dict(rank=8, min_features=0), r"min_features must be an int >= 1"),
+    (dict(rank=8, inplace="no"), r"inplace must be True or False"),
+])
+def test_bad_arguments_refused_before_anything_changes(kwargs, match):
+    model = mlp(40, [40], 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        lrtrain.lowrank(model, **kwargs)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules()) and not hasattr(model, "lrtrain_summary")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+        lrtrain.lowrank([nn.Linear(40, 40)], rank=4)
+
+
+def test_max_rank_and_capacity_are_honoured_not_clipped():
+    model = lrtrain.lowrank(mlp(40, [40], 10), rank=4, max_rank=6, capacity=10, min_features=8)
+    assert (model[1].rank, model[1].max_rank, model[1].capacity) == (4, 6, 10)
+    # capacity above a small layer's min(out, in) is capped there (10 -> 10 here: min(out, in) = 10)
+    model = lrtrain.lowrank(mlp(40, [40], 10), rank=4, capacity=30, min_features=8)
+    assert model[1].capacity == 30 and model[3].capacity == 10
+    # with tau alone the rank is chosen by tau, but never above max_rank / capacity
+    model = lrtrain.lowrank(mlp(40, [40], 10), tau=0.0, max_rank=6, capacity=12, min_features=8)
+    assert (model[1].rank, model[1].max_rank, model[1].capacity) == (6, 6, 12)
+
+
+def test_a_string_include_is_one_pattern():
+    model = lrtrain.lowrank(mlp(40, [40, 40], 10), rank=4, include="3")
+    assert isinstance(model[3], LowRankLinear) and not isinstance(model[1], LowRankLinear)
+    model = lrtrain.lowrank(mlp(40, [40, 40], 10), rank=4, include="13")  # not '1' or '3'
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    model = lrtrain.lowrank(mlp(40, [40, 40], 10), rank=4, exclude="*")
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_second_call_converts_nothing_and_says_so():
+    model = lrtrain.lowrank(mlp(40, [40], 10), rank=4)
+    layer = model[1]
+    again = lrtrain.lowrank(model, rank=2)
+    assert again is model and model[1] is layer and layer.rank == 4
+    s = model.lrtrain_summary
+    assert s.layers == [] and ("1", "already factorized") in s.skipped
+    assert s.params_before == 40 * 40 + 40 + 40 * 10 + 10  # still the all-dense count
+    assert "0 layer(s) factorized" in str(s) and "already factorized" in str(s)
+
+
+def test_a_bare_layer_is_converted_and_returned():
+    lin = nn.Linear(40, 30)
+    w = lin.weight.detach().clone()
+    new = lrtrain.lowrank(lin, rank=4)
+    assert isinstance(new, LowRankLinear) and new.rank == 4 and new.lrtrain_summary.layers[0][0] == ""
+    assert type(lin) is nn.Linear and torch.equal(lin.weight, w)  # the argument itself is not modified
+    conv = lrtrain.lowrank(nn.Conv2d(16, 32, 3), rank=4)
+    assert isinstance(conv, LowRankConv2d)
+    small = nn.Linear(8, 8)
+    assert lrtrain.lowrank(small, rank=2) is small and "min_features" in small.lrtrain_summary.skipped[0][1]
+    assert lrtrain.lowrank(new, rank=2) is new and new.lrtrain_summary.skipped == [("", "already factorized")]
+    assert "(the model itself)" in str(new.lrtrain_summary)
