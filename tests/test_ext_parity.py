@@ -196,6 +196,38 @@ def test_min_rank_beyond_numerical_rank_completes_an_orthonormal_basis(variant):
         assert torch.allclose(W, item.U @ item.S_decayed @ item.V.mT, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1e-36, 1e-38, 1e-41, 1e-44])
+def test_reference_complement_of_tiny_gradients_is_orthonormal_and_scale_free(scale):
+    """Gradients near float32's smallest normals: R⁻¹ of the first CholeskyQR pass used to overflow in float32
+    (LinAlgError). The power-of-two column scale makes the complement of g·X that of X (for normal g·X bitwise)."""
+    from lrtrain.optim.linalg import orth_complement
+
+    item = make_item(40, 30, 5, torch.float32, 1)
+    Q1 = orth_complement(item.U, item.G_K, 5)
+    X = item.G_K * scale
+    Q = orth_complement(item.U, X, 5)
+    assert torch.isfinite(Q).all()
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(5), atol=1e-5, rtol=0)
+    assert (item.U.mT @ Q).abs().max() < 1e-5
+    if X.abs().min() >= torch.finfo(torch.float32).tiny * 2 ** 5:  # g·X exact: same bits as for X
+        assert torch.equal(Q, orth_complement(item.U, X * 2.0 ** 10, 5))
+    if scale >= 1e-38:  # (at 1e-44 the subnormal X keeps 1-3 bits: a different matrix, same guarantees)
+        torch.testing.assert_close(Q @ Q.mT, Q1 @ Q1.mT, atol=1e-4, rtol=0)
+
+
+@needs_cpu
+@pytest.mark.parametrize("variant", list(CPU_VARIANTS))
+@pytest.mark.parametrize("scale", [1e-36, 1e-38, 1e-44])
+def test_tiny_gradients_stay_on_the_fused_path_and_match_the_reference(variant, scale):
+    """The kernel applies the same column scale as the reference: status OK (no fallback), same update."""
+    item = make_item(40, 30, 5, torch.float32, 2)
+    item.G_K, item.G_L = item.G_K * scale, item.G_L * scale
+    ref = reference_update(item, 0.1, 0.1, 1)
+    (got,) = run_variant(variant, [item], 0.1, 0.1, 1)
+    assert isinstance(got, dispatch.FusedResult)  # not recomputed by the reference
+    assert_same_update(item, 0.1, ref, got)
+
+
 @needs_cpu
 @pytest.mark.parametrize("variant", list(CPU_VARIANTS))
 def test_overflowing_core_takes_the_reference_path_and_is_flagged_non_finite(variant):

@@ -47,6 +47,15 @@ struct Workspace {
 // (L, ...) view of L same-shape tensors: a copy for L > 1, a free view of the tensor for L = 1.
 inline Tensor stack_layers(const std::vector<Tensor>& xs) { return xs.size() == 1 ? xs[0].unsqueeze(0) : at::stack(xs); }
 
+// c = 2^-floor(e/2) per layer with max diag G = f·2^e (frexp): c² max diag G in [0.5, 2); (L, 1) double.
+// A zero Gram takes max diag = DBL_MIN, a non-finite one c = 1 (as lrtrain.optim.linalg.column_scale).
+inline Tensor column_scale(const Tensor& G) {
+  Tensor d = G.diagonal(0, -2, -1).amax(-1, /*keepdim=*/true);
+  d = at::where(at::isfinite(d), d.clamp_min(kDoubleTiny), at::ones_like(d));
+  Tensor e = std::get<1>(at::frexp(d));
+  return at::ldexp(at::ones_like(d), at::neg(at::div(e, 2, "floor")));
+}
+
 template <class Backend, class T>
 Tensor orth_complement_batched(const Tensor& U, const Tensor& X0, const Tensor& status, const Workspace& ws,
                                void* stream) {
@@ -55,7 +64,12 @@ Tensor orth_complement_batched(const Tensor& U, const Tensor& X0, const Tensor& 
   const double tol = Num<T>::dependent_tol;
   Tensor X = at::baddbmm(X0, U, at::bmm(U.mT(), X0), /*beta=*/1, /*alpha=*/-1);
   Tensor Xd = X.to(at::kDouble);
-  Tensor G = at::bmm(Xd.mT(), Xd).contiguous();
+  Tensor G = at::bmm(Xd.mT(), Xd);
+  // column_scale (lrtrain/optim/linalg.py): factorize c²G for cX, c a power of two, so that R⁻¹ of a tiny
+  // X stays representable in T; exact, so results are unchanged where the unscaled pass was fine.
+  const Tensor c = column_scale(G).unsqueeze(-1);  // (L, 1, 1)
+  X = (Xd * c).to(X.scalar_type());
+  G = (G * (c * c)).contiguous();
   Tensor keep = at::empty({L, w}, X.options().dtype(at::kByte));
   Tensor Rinv = at::empty({L, w, w}, X.options());
   Backend::template masked_cholqr<T>(G.data_ptr<double>(), L, int(w), tol, true, keep.data_ptr<uint8_t>(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["orth_complement", "reorthonormalize", "robust_svd", "dependent_tol"]
+__all__ = ["orth_complement", "reorthonormalize", "robust_svd", "dependent_tol", "column_scale"]
 
 
 def dependent_tol(dtype: torch.dtype) -> float:
@@ -17,8 +17,28 @@ def dependent_tol(dtype: torch.dtype) -> float:
     return 1e-5 if torch.finfo(dtype).bits <= 32 else 1e-12
 
 
+def column_scale(G: torch.Tensor) -> torch.Tensor:
+    """The power of two ``c = 2^-⌊e/2⌋`` (shape (..., 1)) with ``max diag(G) = f·2^e``, f in [0.5, 1)
+    (torch.frexp), so that ``c² max diag(G)`` is in [0.5, 2).
+
+    The first CholeskyQR pass factorizes ``c²G`` for ``cX``: ``R⁻¹`` of a tiny X (squared column norms
+    below ~1e-76, i.e. gradients near float32's smallest normal numbers) would overflow when cast to
+    float32 (and a subnormal X would lose its bits). A power of two scales X, G, R and R⁻¹ exactly, so
+    the result is bitwise the same wherever the unscaled pass did not under- or overflow. A zero or
+    non-finite Gram gets ``c`` = 2^511 or 1 (nothing to rescue: the pass then behaves as without it).
+    """
+    d = G.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
+    d = torch.where(torch.isfinite(d), d.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(d))
+    e = torch.frexp(d).exponent
+    return torch.ldexp(torch.ones_like(d), -torch.div(e, 2, rounding_mode="floor"))
+
+
 def _masked_cholqr(X: torch.Tensor, keep: torch.Tensor | None = None):
     """One CholeskyQR pass ``Q = X' R'^{-1}`` on ``X' = X diag(keep)``.
+
+    On the first pass X (and its Gram) is first scaled by the power of two :func:`column_scale`, which
+    changes nothing but keeps ``R⁻¹`` representable in X's dtype for tiny X; the second pass runs on
+    the first one's output, whose columns have norm ~1 or 0.
 
     X: (..., m, k). The Gram matrix is factorized in float64 with a shift ``s = 1e-3·tol·max diag(G)``;
     on the first pass (``keep`` is None) it is also formed in float64, so that its rounding stays far
@@ -29,6 +49,10 @@ def _masked_cholqr(X: torch.Tensor, keep: torch.Tensor | None = None):
     tol = dependent_tol(X.dtype)
     Xg = X.double() if keep is None else X
     G = (Xg.mT @ Xg).double()
+    if keep is None:
+        c = column_scale(G)
+        X = (Xg * c[..., None]).to(X.dtype)
+        G = G * (c * c)[..., None]
     k = G.shape[-1]
     eye = torch.eye(k, dtype=G.dtype, device=G.device)
     scale = G.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
