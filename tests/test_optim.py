@@ -88,26 +88,59 @@ def test_plain_parameters_follow_the_torch_base_optimizer(base, torch_opt, kw):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
-def test_state_transport_rotates_first_and_squares_second_moment():
-    r = 3
-    perm = torch.eye(r)[[2, 0, 1]]
-    st = {k: {"exp_avg": torch.randn(*s), "exp_avg_sq": torch.rand(*s)} for k, s in
-          (("U", (7, r)), ("V", (5, r)), ("S", (r, r)))}
-    old = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in st.items()}
-    R_U, R_V = torch.linalg.qr(torch.randn(r, r))[0], perm
+def _moments(m, n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: {"exp_avg": torch.randn(*sh, generator=g, dtype=torch.float64),
+                "exp_avg_sq": torch.rand(*sh, generator=g, dtype=torch.float64)}
+            for k, sh in (("U", (m, r)), ("V", (n, r)), ("S", (r, r)))}
+
+
+def _clone(st):
+    return {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in st.items()}
+
+
+def test_state_transport_is_exact_for_a_permutation_of_the_basis():
+    """Reordering the basis columns (R_U, R_V permutations) must reorder every moment exactly: K-state columns
+    follow V's order, L-state columns U's order, S-state rows U's and columns V's; squared moments alike."""
+    m, n, r = 7, 5, 4
+    pu, pv = [2, 0, 3, 1], [1, 3, 0, 2]  # new column j is old column p[j]
+    R_U, R_V = torch.eye(r, dtype=torch.float64)[:, pu], torch.eye(r, dtype=torch.float64)[:, pv]
+    st = _moments(m, n, r, 0)
+    old = _clone(st)
     transport_state(st, R_U, R_V, ("exp_avg",), ("exp_avg_sq",))
-    torch.testing.assert_close(st["U"]["exp_avg"], old["U"]["exp_avg"] @ R_V)
-    torch.testing.assert_close(st["U"]["exp_avg_sq"], old["U"]["exp_avg_sq"][:, [2, 0, 1]] * 0 + old["U"]["exp_avg_sq"] @ perm)
-    torch.testing.assert_close(st["S"]["exp_avg"], R_U.T @ old["S"]["exp_avg"] @ R_V)
-    assert (st["V"]["exp_avg_sq"] >= 0).all() and (st["S"]["exp_avg_sq"] >= 0).all()
-    # the first moment, mapped back to W-space, is unchanged by a rotation that keeps the span
-    U = torch.linalg.qr(torch.randn(7, r))[0]
-    Vb = torch.linalg.qr(torch.randn(5, r))[0]
-    M = torch.randn(r, r)
-    st2 = {"U": {}, "V": {}, "S": {"exp_avg": M.clone()}}
-    st2["U"]["exp_avg"], st2["V"]["exp_avg"] = torch.randn(7, r), torch.randn(5, r)
-    transport_state(st2, R_U, R_U, ("exp_avg",), ())
-    torch.testing.assert_close(U @ R_U @ st2["S"]["exp_avg"] @ (Vb @ R_U).T, U @ M @ Vb.T, rtol=1e-5, atol=1e-5)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(st["U"][key], old["U"][key][:, pv])
+        assert torch.equal(st["V"][key], old["V"][key][:, pu])
+        assert torch.equal(st["S"][key], old["S"][key][pu][:, pv])
+
+
+def test_state_transport_keeps_the_first_moment_in_weight_space():
+    """A rotation that keeps span(U), span(V) (U_new = U R_U, V_new = V R_V) must leave the moments' W-space
+    meaning unchanged: m_K Vᵀ (K = U S), m_L Uᵀ (L = V Sᵀ) and U m_S Vᵀ. Second moments stay non-negative and
+    keep their row sums (R∘R is doubly stochastic for an orthogonal R)."""
+    m, n, r = 9, 6, 4
+    g = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
+    R_U = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))[0]
+    R_V = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))[0]
+    st = _moments(m, n, r, 2)
+    old = _clone(st)
+    transport_state(st, R_U, R_V, ("exp_avg",), ("exp_avg_sq",))
+    Un, Vn = U @ R_U, V @ R_V
+    close = dict(rtol=0, atol=1e-12)
+    torch.testing.assert_close(st["U"]["exp_avg"] @ Vn.T, old["U"]["exp_avg"] @ V.T, **close)
+    torch.testing.assert_close(st["V"]["exp_avg"] @ Un.T, old["V"]["exp_avg"] @ U.T, **close)
+    torch.testing.assert_close(Un @ st["S"]["exp_avg"] @ Vn.T, U @ old["S"]["exp_avg"] @ V.T, **close)
+    for role in "UVS":
+        assert (st[role]["exp_avg_sq"] >= 0).all()
+    torch.testing.assert_close(st["U"]["exp_avg_sq"].sum(1), old["U"]["exp_avg_sq"].sum(1), **close)
+    torch.testing.assert_close(st["V"]["exp_avg_sq"].sum(1), old["V"]["exp_avg_sq"].sum(1), **close)
+    torch.testing.assert_close(st["S"]["exp_avg_sq"].sum(), old["S"]["exp_avg_sq"].sum(), **close)
+    # truncation r -> r' keeps only the leading columns of the rotation: still the restriction of the same map
+    st2 = _clone(old)
+    transport_state(st2, R_U[:, :2], R_V[:, :2], ("exp_avg",), ("exp_avg_sq",))
+    torch.testing.assert_close(st2["S"]["exp_avg"], (R_U.T @ old["S"]["exp_avg"] @ R_V)[:2, :2], **close)
 
 
 def test_param_groups_lr_scheduler_and_zero_grad_without_none():
@@ -128,18 +161,42 @@ def _snapshot(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _state_of(opt, params):
+    """Bitwise copies of the optimizer state of ``params``."""
+    return [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()} for p in params]
+
+
+def _same_state(a, b):
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x)
+        for x, y in zip(a, b))
+
+
+def _warm_up(model, opt, steps=3):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        model(torch.randn(4, 10, generator=g)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(opt.state[p] for p in model.parameters())  # every parameter has state to protect
+
+
 def test_nonfinite_gradients_skip_the_layer_and_count():
     model = nn.Sequential(LowRankLinear(10, 10, 4), nn.ReLU(), LowRankLinear(10, 10, 4))
     opt = DLRT(model.parameters(), lr=1e-2)
+    _warm_up(model, opt)
     model(torch.randn(4, 10)).sum().backward()
     model[0].V.grad[0, 0] = float("nan")
-    before = _snapshot(model)
+    params = list(model.parameters())
+    before, st0, st2 = _snapshot(model), _state_of(opt, params[:4]), _state_of(opt, params[4:])
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step()
     after = _snapshot(model)
-    for b, a in zip(before[:4], after[:4]):  # layer 0 (U, S, V, bias) untouched
+    for b, a in zip(before[:4], after[:4]):  # layer 0 (U, S, V, bias) untouched, state included
         assert torch.equal(b, a)
+    assert _same_state(_state_of(opt, params[:4]), st0)
     assert not torch.equal(before[4], after[4]) or not torch.equal(before[5], after[5])  # layer 2 stepped
+    assert not _same_state(_state_of(opt, params[4:]), st2)
     assert opt.skipped_steps == 1
     assert opt.state_dict()["skipped_steps"] == 1
 
@@ -147,25 +204,38 @@ def test_nonfinite_gradients_skip_the_layer_and_count():
 def test_nonfinite_raise_mode_updates_nothing():
     model = nn.Sequential(LowRankLinear(10, 10, 4), nn.ReLU(), nn.Linear(10, 3))
     opt = DLRT(model.parameters(), lr=1e-2, nonfinite="raise")
+    _warm_up(model, opt)
     model(torch.randn(4, 10)).sum().backward()
     model[2].weight.grad[0, 0] = float("inf")
-    before = _snapshot(model)
+    params = list(model.parameters())
+    before, st = _snapshot(model), _state_of(opt, params)
     with pytest.raises(FloatingPointError):
         opt.step()
     assert all(torch.equal(b, a) for b, a in zip(before, _snapshot(model)))
+    assert _same_state(_state_of(opt, params), st)
+    assert opt.skipped_steps == 0
 
 
 def test_huge_step_overflows_the_core_and_is_skipped_not_corrupting():
     # lr = 1e38 overflows the float32 core: svd returns NaN, the eigh fallback raises LinAlgError.
     layer = LowRankLinear(16, 16, 4)
-    opt = DLRT(layer.parameters(), lr=1e38, base="sgd", tau=0.0)
+    opt = DLRT(layer.parameters(), lr=1e-2, base="sgd", momentum=0.9, tau=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        layer(torch.randn(8, 16, generator=g)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.param_groups[0]["lr"] = 1e38
     layer(torch.randn(8, 16)).square().sum().backward()
-    before = _snapshot(layer)
+    params = list(layer.parameters())
+    before, st = _snapshot(layer), _state_of(opt, params)
+    assert all(s for s in st)
     with pytest.warns(RuntimeWarning):
         opt.step()
     after = _snapshot(layer)
     assert len(before) == 4  # U, S, V and the bias: the bias is skipped with its layer
     assert all(torch.equal(b, a) for b, a in zip(before, after))
+    assert _same_state(_state_of(opt, params), st)
     assert opt.skipped_steps == 1
 
 

@@ -18,13 +18,14 @@ parameters are stepped through fp32 master copies kept in the optimizer state. A
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
 from torch.optim import Optimizer
 
 from ..ext import check_backend, finite_flags, update_layers
-from .base import make_rule
+from .base import BASES, make_rule
 from .params import LOW_PRECISION, Slot, find_layers, fsdp1_kind, is_dtensor
 from .step import LayerStep, transport_state
 
@@ -59,14 +60,18 @@ class DLRT(Optimizer):
                  dampening: float = 0.0, nesterov: bool = False, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1, nonfinite: str = "skip",
                  guide=None, backend: str = "auto"):
-        if nonfinite not in ("skip", "raise"):
+        if not isinstance(nonfinite, str) or nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if guide is not None and not callable(getattr(guide, "adjust", None)):
+            raise TypeError(f"guide must be None or have a method adjust(layer, item, param_group), "
+                            f"got {type(guide).__name__}")
         self.backend = check_backend(backend)
         self.nonfinite = nonfinite
         self.guide = guide
         self.skipped_steps = 0
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                        betas=tuple(betas), eps=eps, weight_decay=weight_decay, tau=tau, min_rank=min_rank)
+                        betas=betas, eps=eps, weight_decay=weight_decay, tau=tau, min_rank=min_rank)
+        _validate_group(defaults)  # every argument checked before torch sees the params
         super().__init__(params, defaults)
         self._check_factors()
         self._ready = True
@@ -105,6 +110,7 @@ class DLRT(Optimizer):
                 group_of[id(p)] = gi
         layers, _ = find_layers([p for g in self.param_groups for p in g["params"]])
         for layer in layers:
+            _check_trainable(layer)
             groups = sorted({group_of[id(getattr(layer, r))] for r in "USV"})
             if len(groups) > 1:
                 raise ValueError("params: a factorized layer's U, S and V are split across param groups "
@@ -121,9 +127,20 @@ class DLRT(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict) -> None:
+        """As in torch.optim, but everything is validated first (hyperparameters as in the constructor; each
+        state tensor finite, floating point and shaped like its parameter; group and parameter counts), and
+        a refused dict (ValueError) leaves the optimizer as it was. A loaded group lacking a hyperparameter
+        takes the optimizer's default."""
         state_dict = dict(state_dict)
-        skipped = int(state_dict.pop("skipped_steps", 0))
-        super().load_state_dict(state_dict)
+        skipped = _validated_skipped(state_dict.pop("skipped_steps", 0))
+        state_dict["param_groups"] = self._validated_groups(state_dict.get("param_groups"))
+        self._validate_state(state_dict)
+        old = self.__dict__.get("state"), self.__dict__.get("param_groups")
+        try:
+            super().load_state_dict(state_dict)
+        except BaseException:
+            self.__dict__.update(state=old[0], param_groups=old[1])
+            raise
         self.skipped_steps = skipped
         # torch casts loaded state to each parameter's dtype; the fp32 masters and moments of a
         # bfloat16/float16 parameter stay fp32.
@@ -135,6 +152,59 @@ class DLRT(Optimizer):
                     if torch.is_tensor(v) and key != "step":
                         self.state[p][key] = v.to(device=p.device, copy=True)
 
+    def _validated_groups(self, saved) -> list:
+        """The loaded param groups, each completed from the defaults and validated (on copies)."""
+        if not isinstance(saved, (list, tuple)):
+            raise ValueError(f"state_dict['param_groups'] must be a list, got {type(saved).__name__}")
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"state_dict: {len(saved)} param group(s), the optimizer has {len(self.param_groups)}")
+        out = []
+        for i, (g, mine) in enumerate(zip(saved, self.param_groups)):
+            if not isinstance(g, dict) or not isinstance(g.get("params"), (list, tuple)):
+                raise ValueError(f"state_dict: param group {i} is not a dict with a 'params' list")
+            if len(g["params"]) != len(mine["params"]):
+                raise ValueError(f"state_dict: param group {i} has {len(g['params'])} parameter(s), "
+                                 f"the optimizer's has {len(mine['params'])}")
+            g = {**self.defaults, **g}
+            try:
+                _validate_group(g)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"state_dict: param group {i}: {e}") from None
+            out.append(g)
+        return out
+
+    def _validate_state(self, state_dict) -> None:
+        state = state_dict.get("state")
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
+        params = {i: p for g_saved, g in zip(state_dict["param_groups"], self.param_groups)
+                  for i, p in zip(g_saved["params"], g["params"])}
+        for idx, st in state.items():
+            if idx not in params:
+                raise ValueError(f"state_dict: state for parameter index {idx!r}, which no param group lists")
+            if not isinstance(st, dict):
+                raise ValueError(f"state_dict: state of parameter {idx!r} must be a dict")
+            p = params[idx]
+            for key, v in st.items():
+                where = f"state_dict: state[{idx!r}][{key!r}]"
+                if key == "step":
+                    n = v.item() if torch.is_tensor(v) and v.numel() == 1 else v
+                    if isinstance(n, bool) or not isinstance(n, (int, float)) or not (n >= 0 and float(n).is_integer()):
+                        raise ValueError(f"{where} must be an integer >= 0, got {v!r}")
+                    continue
+                if not torch.is_tensor(v):
+                    raise ValueError(f"{where} must be a tensor, got {type(v).__name__}")
+                if not v.is_floating_point():
+                    raise ValueError(f"{where} must be floating point, got {v.dtype}")
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"{where} has shape {tuple(v.shape)}; it must match its parameter's "
+                                     f"shape {tuple(p.shape)}")
+                local = v.to_local() if is_dtensor(v) else v
+                if not bool(torch.isfinite(local).all()):
+                    raise ValueError(f"{where} is not finite (NaN or inf)")
+                if key == "exp_avg_sq" and bool((local < 0).any()):
+                    raise ValueError(f"{where} (a second moment) must be >= 0")
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
@@ -145,11 +215,16 @@ class DLRT(Optimizer):
                 loss = closure()
         with _autocast_off():
             plans = [self._plan(g) for g in self.param_groups]
-            self._drop_nonfinite(plans)
+            dropped = self._drop_nonfinite(plans)
             pending = [self._compute_group(g, *plan) for g, plan in zip(self.param_groups, plans)]
             if self.nonfinite == "raise" and any(not all(p["finite"]) for p in pending):
                 raise FloatingPointError("DLRT: a layer's update was non-finite (learning rate too large?); "
                                          "nothing was updated")
+            # Nothing is written (skipped_steps included) before every update has been computed.
+            if dropped:
+                warnings.warn(f"DLRT: non-finite gradients, skipped the step of {dropped} layer(s)/parameter(s)",
+                              RuntimeWarning)
+                self.skipped_steps += dropped
             for p in pending:
                 self._apply_group(p)
         return loss
@@ -157,17 +232,29 @@ class DLRT(Optimizer):
     def _plan(self, group):
         """(layers, plain): factorized layers and plain params of ``group`` that have gradients."""
         layers, plain = find_layers(group["params"])
-        return [l for l in layers if l.U.grad is not None], [p for p in plain if p.grad is not None]
+        stepped = []
+        for l in layers:
+            grads = [getattr(l, r).grad for r in "USV"]
+            if all(g is None for g in grads):
+                continue  # not used since the last zero_grad: no step, as for a plain parameter
+            _check_trainable(l)
+            if any(g is None for g in grads):
+                missing = [r for r, g in zip("USV", grads) if g is None]
+                raise ValueError(f"params: {_name(l)} has gradients for some factors but not for "
+                                 f"{', '.join(missing)}; U, S and V are stepped together (zero_grad all three)")
+            stepped.append(l)
+        return stepped, [p for p in plain if p.grad is not None]
 
-    def _drop_nonfinite(self, plans) -> None:
-        """Remove every layer / param with a non-finite gradient (one host sync for all of them)."""
+    def _drop_nonfinite(self, plans) -> int:
+        """Remove every layer / param with a non-finite gradient (one host sync for all of them); returns
+        how many were removed (the caller warns and counts them once the step is sure to go through)."""
         units = []
         for gi, (layers, plain) in enumerate(plans):
             units += [(gi, "layer", l, [g for g in (l.U.grad, l.S.grad, l.V.grad, _grad(l.bias)) if g is not None])
                       for l in layers]
             units += [(gi, "plain", p, [p.grad]) for p in plain]
         if not units:
-            return
+            return 0
         flags = _finite([g for u in units for g in u[3]])
         bad, i = [], 0
         for u in units:
@@ -175,14 +262,13 @@ class DLRT(Optimizer):
                 bad.append(u)
             i += len(u[3])
         if not bad:
-            return
+            return 0
         if self.nonfinite == "raise":
             raise FloatingPointError(f"non-finite gradients in {len(bad)} layer(s)/parameter(s); nothing was updated")
-        warnings.warn(f"DLRT: non-finite gradients, skipped the step of {len(bad)} layer(s)/parameter(s)", RuntimeWarning)
-        self.skipped_steps += len(bad)
         for gi, kind, obj, _ in bad:
             lst = plans[gi][0] if kind == "layer" else plans[gi][1]
             lst[:] = [o for o in lst if o is not obj]
+        return len(bad)
 
     def _compute_group(self, group, layers, plain) -> dict:
         """Directions and layer updates of one group; nothing is written yet (see :meth:`_apply_group`)."""
@@ -335,20 +421,65 @@ def _autocast_off():
     return stack
 
 
+def _name(layer) -> str:
+    return f"{type(layer).__name__}({layer.extra_repr()})" if hasattr(layer, "extra_repr") else type(layer).__name__
+
+
+def _check_trainable(layer) -> None:
+    """DLRT steps U, S and V together (the step rotates all three): a frozen factor is refused."""
+    frozen = [r for r in "USV" if not getattr(layer, r).requires_grad]
+    if frozen:
+        raise ValueError(f"params: {_name(layer)} has frozen factor(s) {', '.join(frozen)} (requires_grad=False); "
+                         "DLRT steps U, S and V together: unfreeze them, or leave the whole layer's U, S, V "
+                         "out of the optimizer to freeze the layer")
+
+
+def _number(key: str, v, lo: float, hi: float = float("inf"), hi_open: bool = False) -> float:
+    """v (the value of argument ``key``) as a finite float in [lo, hi] (or [lo, hi)); TypeError / ValueError
+    naming the argument and its range."""
+    rng = f"in [{lo:g}, {hi:g})" if hi_open else f">= {lo:g}" if hi == float("inf") else f"in [{lo:g}, {hi:g}]"
+    x = v.item() if torch.is_tensor(v) and v.numel() == 1 and not v.dtype.is_complex else v
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{key} must be {rng} (a finite real number), got {v!r} ({type(v).__name__})")
+    x = float(x)
+    if not (math.isfinite(x) and lo <= x and (x < hi if hi_open else x <= hi)):
+        raise ValueError(f"{key} must be {rng} (a finite real number), got {v!r}")
+    return x
+
+
+def _validated_skipped(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"state_dict['skipped_steps'] must be an int >= 0, got {v!r}")
+    return v
+
+
 def _validate_group(g: dict) -> None:
+    """Check every hyperparameter of a param group (the constructor's arguments); errors name the argument
+    and its allowed range. Normalizes ``betas`` to a tuple of two floats."""
+    for key in ("lr", "base", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "tau", "min_rank"):
+        if key not in g:
+            raise ValueError(f"param group lacks {key!r}")
+    if not isinstance(g["base"], str):
+        raise TypeError(f"base must be one of {sorted(BASES)}, got {g['base']!r}")
     make_rule(g["base"])
-    if not g["lr"] >= 0:
-        raise ValueError(f"lr must be >= 0, got {g['lr']!r}")
-    if not g["tau"] >= 0:
-        raise ValueError(f"tau must be >= 0, got {g['tau']!r}")
-    if not g["weight_decay"] >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {g['weight_decay']!r}")
-    if not 0 <= g["momentum"] < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {g['momentum']!r}")
-    if not isinstance(g["min_rank"], int) or g["min_rank"] < 1:
-        raise ValueError(f"min_rank must be an int >= 1, got {g['min_rank']!r}")
-    b1, b2 = g["betas"]
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"betas must be in [0, 1), got {g['betas']!r}")
-    if not g["eps"] >= 0:
-        raise ValueError(f"eps must be >= 0, got {g['eps']!r}")
+    for key in ("lr", "tau", "weight_decay", "eps"):
+        _number(key, g[key], 0.0)
+    mu = _number("momentum", g["momentum"], 0.0, 1.0, hi_open=True)
+    damp = _number("dampening", g["dampening"], 0.0, 1.0)
+    if not isinstance(g["nesterov"], bool):
+        raise TypeError(f"nesterov must be True or False, got {g['nesterov']!r}")
+    if g["nesterov"] and (mu <= 0 or damp != 0):
+        raise ValueError(f"nesterov=True requires momentum > 0 and dampening = 0, got momentum={g['momentum']!r}, "
+                         f"dampening={g['dampening']!r}")
+    mr = g["min_rank"]
+    if isinstance(mr, bool) or not isinstance(mr, int):
+        raise TypeError(f"min_rank must be an int >= 1, got {mr!r} ({type(mr).__name__})")
+    if mr < 1:
+        raise ValueError(f"min_rank must be an int >= 1, got {mr!r}")
+    betas = g["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
+    try:
+        g["betas"] = tuple(_number("betas", b, 0.0, 1.0, hi_open=True) for b in betas)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"betas must be in [0, 1) each (finite real numbers), got {betas!r}") from None
