@@ -289,3 +289,61 @@ def test_quick_sweep_ranks_fall_with_weight_decay(mnist):
     for r in res:  # the bound holds on the full training set too (exact, from an identity)
         for v in r["layers"].values():
             assert v["tail_K"] <= v["bound"] * (1 + 1e-6)
+
+
+def _hooks(model):
+    """Every forward hook and post-accumulate-grad hook on the model's modules and parameters."""
+    fwd = sum(len(m._forward_hooks) for m in model.modules())
+    post = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+    return fwd + post
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layers=["1", "missing"]), r"layers: no supported Linear/Conv2d layer named \['missing'\]"),
+    (dict(layers="13"), r"no supported .* named \['13'\]"),  # a str is ONE name (was: the names '1', '3')
+    (dict(layers=[1]), r"layers must be a module name \(str\) or a list"),
+    (dict(power_iters=0), r"power_iters must be an int >= 1"),
+    (dict(power_block=True), r"power_block must be an int >= 1"),
+    (dict(spectral="svd"), r"spectral must be 'power' or 'exact'"),
+    (dict(every=0), r"every must be an int >= 1"),
+    (dict(nc1=-1), r"nc1 must be"),
+    (dict(weight_decay=float("nan")), r"weight_decay must be"),
+    (dict(weight_decay=float("inf")), r"weight_decay must be"),
+    (dict(exact_residual="yes"), r"exact_residual must be True or False"),
+])
+def test_monitor_bad_arguments_leave_no_hook(kwargs, match):
+    model = lrtrain.lowrank(mlp(40, [40, 40], K), rank=4)
+    with pytest.raises(ValueError, match=match):
+        lrtrain.CollapseMonitor(model, K, **kwargs)
+    assert _hooks(model) == 0
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_monitor_failing_while_hooking_leaves_no_hook(monkeypatch):
+    """A failure after some layers were hooked (here: the third layer's hook registration) removes them."""
+    model = mlp(40, [40, 40], K)
+    calls = {"n": 0}
+    real = torch.Tensor.register_post_accumulate_grad_hook
+
+    def flaky(self, hook):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real(self, hook)
+
+    monkeypatch.setattr(torch.Tensor, "register_post_accumulate_grad_hook", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        lrtrain.CollapseMonitor(model, K)
+    monkeypatch.undo()
+    assert _hooks(model) == 0
+
+
+def test_monitor_skips_frozen_layers_and_refuses_them_by_name():
+    model = mlp(40, [40, 40], K)
+    model[1].requires_grad_(False)
+    mon = lrtrain.CollapseMonitor(model, K)
+    assert "1" not in mon.layer_names and ("1", "frozen (a weight parameter does not require grad)") in mon.skipped
+    mon.remove()
+    with pytest.raises(ValueError, match="'1' is frozen"):
+        lrtrain.CollapseMonitor(model, K, layers=["1", "3"])
+    assert _hooks(model) == 0

@@ -73,6 +73,11 @@ def unmonitored(mod: nn.Module) -> str | None:
     return None
 
 
+def _weights(mod: nn.Module) -> list:
+    """The parameters whose gradients the monitor hooks: U, S, V (factorized) or weight."""
+    return [getattr(mod, r) for r in (("U", "S", "V") if isinstance(mod, FactorizedMixin) else ("weight",))]
+
+
 @dataclass
 class LayerCollapse:
     """Collapse statistics of one layer (see the module docstring for the definitions).
@@ -175,10 +180,16 @@ class _Layer:
         self.record: _Record | None = None
         self.reset()
         self.guide_counts = {"certified": 0, "class": 0, "plain": 0, "no_data": 0}
-        self.handles = [module.register_forward_hook(self._make_forward(monitor))]
-        for role in self.roles:
-            p = getattr(module, role)
-            self.handles.append(p.register_post_accumulate_grad_hook(self._make_param_hook(monitor, role)))
+        self.handles = []
+        try:
+            self.handles.append(module.register_forward_hook(self._make_forward(monitor)))
+            for role in self.roles:
+                p = getattr(module, role)
+                self.handles.append(p.register_post_accumulate_grad_hook(self._make_param_hook(monitor, role)))
+        except BaseException:  # no half-hooked layer
+            for h in self.handles:
+                h.remove()
+            raise
 
     def reset(self):
         self.stats: ClassStats | None = None
@@ -372,22 +383,52 @@ class CollapseMonitor:
     def __init__(self, model: nn.Module, num_classes: int, weight_decay: float | None = None, layers=None,
                  nc1: int = 4, every: int = 1, spectral: str = "power", power_iters: int = 3, power_block: int = 1,
                  guide=None, exact_residual: bool = True):
+        # Every argument is checked, and the layers to watch are found, before any hook is registered.
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(num_classes, int) or num_classes < 2:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if weight_decay is not None and not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a float >= 0 or None, got {weight_decay!r}")
-        if not isinstance(every, int) or every < 1:
+        if weight_decay is not None and not (isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool)
+                                             and 0 <= weight_decay < math.inf):
+            raise ValueError(f"weight_decay must be a finite float >= 0 or None, got {weight_decay!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
-        self.num_classes = num_classes
-        self.weight_decay = None if weight_decay is None else float(weight_decay)
         if not (isinstance(nc1, int) and nc1 >= 0):
             raise ValueError(f"nc1 must be a bool or an int >= 0, got {nc1!r}")
+        if not isinstance(exact_residual, bool):
+            raise ValueError(f"exact_residual must be True or False, got {exact_residual!r}")
+        SpectralNorm(spectral, power_iters, power_block)  # checks spectral, power_iters, power_block
+        for arg, v in (("power_iters", power_iters), ("power_block", power_block)):
+            if isinstance(v, bool):
+                raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
+        if isinstance(layers, str):
+            layers = [layers]  # one name, not its characters
+        if layers is not None and not (isinstance(layers, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in layers)):
+            raise ValueError(f"layers must be a module name (str) or a list of them, got {layers!r}")
+        wanted = None if layers is None else set(layers)
+        watch, skipped = [], []
+        for name, mod in model.named_modules():
+            if wanted is not None and name not in wanted:
+                continue
+            reason = unmonitored(mod)
+            if reason is None and not all(p.requires_grad for p in _weights(mod)):
+                if wanted is not None:
+                    raise ValueError(f"layers: {name!r} is frozen (a weight parameter does not require grad): "
+                                     f"its gradient statistics cannot be measured")
+                skipped.append((name, "frozen (a weight parameter does not require grad)"))
+            elif reason is None:
+                watch.append((name, mod))
+            elif isinstance(mod, nn.Conv2d):
+                skipped.append((name, reason))
+        if wanted is not None and wanted - {n for n, _ in watch}:
+            raise ValueError(f"layers: no supported Linear/Conv2d layer named {sorted(wanted - {n for n, _ in watch})}")
+        if not watch:
+            raise ValueError("model has no nn.Linear / nn.Conv2d / LowRankLinear / LowRankConv2d layer to monitor")
+
+        self.num_classes = num_classes
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
         self.nc1, self.every = int(nc1), every
-        self.exact_residual = bool(exact_residual)
-        if spectral not in ("power", "exact"):
-            raise ValueError(f"spectral must be 'power' or 'exact', got {spectral!r}")
+        self.exact_residual = exact_residual
         self.spectral, self.power_iters, self.power_block = spectral, power_iters, power_block
         self.enabled = True
         self._labels: torch.Tensor | None = None
@@ -398,21 +439,16 @@ class CollapseMonitor:
 
             guide = CollapseGuide(num_classes)
         self.guide = guide
-        self.skipped: list = []
-        wanted = None if layers is None else set(layers)
+        self.skipped: list = skipped
         self._layers: dict[str, _Layer] = {}
-        for name, mod in model.named_modules():
-            if wanted is not None and name not in wanted:
-                continue
-            reason = unmonitored(mod)
-            if reason is None:
+        try:
+            for name, mod in watch:
                 self._layers[name] = _Layer(self, name, mod)
-            elif isinstance(mod, nn.Conv2d):
-                self.skipped.append((name, reason))
-        if wanted is not None and wanted - set(self._layers):
-            raise ValueError(f"layers: no supported Linear/Conv2d layer named {sorted(wanted - set(self._layers))}")
-        if not self._layers:
-            raise ValueError("model has no nn.Linear / nn.Conv2d / LowRankLinear / LowRankConv2d layer to monitor")
+        except BaseException:  # leave the model as it was: no hook of a half-built monitor stays on it
+            for l in self._layers.values():
+                for h in l.handles:
+                    h.remove()
+            raise
         self._by_module = {id(l.module): l for l in self._layers.values() if l.factorized}
 
     # ------------------------------------------------------------------ labels
