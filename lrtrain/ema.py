@@ -24,6 +24,8 @@ averaging function); the EMA layers take their ranks at the next call.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .layers.factors import ROLES, live_layers
@@ -52,8 +54,9 @@ def average_factored(layer, U, S, V, decay: float) -> None:
 
 def get_ema_multi_avg_fn(decay: float = 0.999):
     """``multi_avg_fn(ema_params, model_params, num_averaged)`` for ``AveragedModel`` (see module doc)."""
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must be in [0, 1], got {decay!r}")
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be a real number in [0, 1], got {decay!r}")
+    decay = float(decay)
 
     @torch.no_grad()
     def ema_update(ema_params, model_params, num_averaged):

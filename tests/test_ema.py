@@ -61,5 +61,8 @@ def test_ema_model_through_rank_changes_scores_like_the_model(digits):
 def test_ema_refuses_bad_decay():
     import pytest
 
-    with pytest.raises(ValueError, match="decay"):
-        lrtrain.get_ema_multi_avg_fn(1.5)
+    for bad in (1.5, -0.1, float("nan"), "0.9", None, True, torch.tensor([0.9, 0.8])):
+        with pytest.raises(ValueError, match=r"decay must be a real number in \[0, 1\]"):
+            lrtrain.get_ema_multi_avg_fn(bad)
+    lrtrain.get_ema_multi_avg_fn(0)  # ints and the ends of the range are fine
+    lrtrain.get_ema_multi_avg_fn(1)
