@@ -361,7 +361,9 @@ class CollapseMonitor:
         weight_decay: λ >= 0 of the objective L + (λ/2)‖W‖² used for ‖R‖ and the bound in
             :meth:`summary`; None: taken from the optimizer's param group the first time DLRT calls
             :meth:`adjust` (bound reported as NaN until known).
-        layers: optional qualified module names to watch (default: all supported layers).
+        layers: optional qualified module names to watch (a str is one name; default: all supported layers,
+            frozen ones — a weight that does not require grad — listed in ``skipped``). Every argument is
+            checked before any hook is registered: a refused construction leaves the model without hooks.
         nc1: compute NC1 on every ``nc1``-th recorded batch of each layer (True or 1: every batch; False or
             0: never; default 4 — it is a secondary metric, and its K × K float64 work is a large part of
             the monitor's cost on small layers). The reported NC1 is the average over those batches.
