@@ -34,8 +34,8 @@ def test_ema_model_through_rank_changes_scores_like_the_model(digits):
     torch.manual_seed(0)
     model = lrtrain.lowrank(mlp(64, [128, 128], 10), rank=32)
     opt = lrtrain.DLRT(model.parameters(), lr=3e-3, weight_decay=1e-4, tau=0.2)
-    ema = AveragedModel(model, multi_avg_fn=lrtrain.get_ema_multi_avg_fn(0.99))
-    naive = AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99))
+    ema = AveragedModel(model, multi_avg_fn=lrtrain.get_ema_multi_avg_fn(0.95))
+    naive = AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.95))
     gen = torch.Generator().manual_seed(0)
     ranks = set()
     for _ in range(10):
