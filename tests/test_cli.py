@@ -110,6 +110,12 @@ def test_bench_refuses_bad_arguments_in_one_line(args, expect, capsys, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
 
 
+def test_bench_refuses_a_layer_group_with_nothing_to_measure(capsys, tmp_path):
+    assert main(["bench", "--out", str(tmp_path), "--only", "layers", "--sizes", "64", "--ranks", "128"]) == 2
+    assert "no --ranks value [128] is <= a --sizes value [64]" in _error_line(capsys, "lrtrain bench")
+    assert not tmp_path.joinpath("bench.md").exists()
+
+
 def test_help_exits_zero(capsys):
     assert main(["demo", "--help"]) == 0
     assert "--epochs" in capsys.readouterr().out

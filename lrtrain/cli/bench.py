@@ -13,7 +13,7 @@ import argparse
 import os
 import shlex
 
-from .args import data_spec, nonneg_float, nonneg_int, positive_float, positive_int
+from .args import CLIError, data_spec, nonneg_float, nonneg_int, positive_float, positive_int
 
 GROUPS = ("layers", "conv", "optimizer", "e2e")
 DEFAULT_MNIST = os.path.join("..", "shared", "data", "mnist")
@@ -118,6 +118,9 @@ def config(args):
 def run(args) -> int:
     from .. import benchmarking as B
 
+    if "layers" in args.only and not any(r <= n for n in args.sizes for r in args.ranks):
+        raise CLIError(f"layers group: no --ranks value {args.ranks} is <= a --sizes value {args.sizes} "
+                       "(ranks above a size are skipped), so nothing would be measured")
     cfg = config(args)
     data = _load(args.data) if "e2e" in args.only else None
     res = B.run_bench(cfg, data, command=_command(args))
