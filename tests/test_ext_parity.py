@@ -103,7 +103,7 @@ def assert_same_update(item, lr, ref, got, *, check_subspaces=True):
     core = augmented_core(item, lr)[2].double()
     s = torch.linalg.svdvals(core)
     gap = (s[k - 1] - s[k]) if k < s.numel() else s[0]
-    ptol = max(1e-5 if dt == torch.float32 else 1e-12, 200 * EPS[dt] * float(s[0]) / max(float(gap), 1e-300))
+    ptol = max(1e-5 if dt == torch.float32 else 1e-11, 200 * EPS[dt] * float(s[0]) / max(float(gap), 1e-300))
     for a, b in ((ref.U, got.U), (ref.V, got.V), (ref.R_U, got.R_U), (ref.R_V, got.R_V)):
         assert (_proj(a) - _proj(b)).abs().max() <= ptol
     sa, sb = torch.linalg.svdvals(ref.S.double()), torch.linalg.svdvals(got.S.double())
@@ -134,7 +134,8 @@ def _well_posed(item, lr, tau, min_rank) -> bool:
 @needs_cpu
 @pytest.mark.parametrize("variant", list(CPU_VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(data=st.data())
 def test_layer_parity_random_shapes(variant, dtype, data):
     m = data.draw(st.integers(2, 48), label="m")
