@@ -36,8 +36,14 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def active_parameters(model: nn.Module) -> int:
     """Parameters in use: factorized layers at their active rank, every other parameter whole."""
+    _check_module(model)
     total = _count(model)
     for m in model.modules():
         if isinstance(m, FactorizedMixin):
@@ -86,8 +92,7 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
     summary reports 0 layers factorized. When ``model`` itself is an nn.Linear / nn.Conv2d, the converted
     layer is returned (the argument is never modified in that case: use the return value).
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_module(model)
     if rank is None and tau is None:
         raise ValueError("lowrank: give rank (an int >= 1) or tau (a float >= 0)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
@@ -169,6 +174,9 @@ def _convert(child, parent, rank, tau, max_rank, capacity, min_features):
 
 def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
     """Replace every factorized layer of ``model`` by the equivalent dense nn.Linear / nn.Conv2d."""
+    _check_module(model)
+    if not isinstance(inplace, bool):
+        raise ValueError(f"inplace must be a bool, got {inplace!r}")
     if not inplace:
         model = copy.deepcopy(model)
     for parent in list(model.modules()):
@@ -180,6 +188,7 @@ def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
 
 def summary(model: nn.Module) -> Summary:
     """Current state of a model: each factorized layer's shape and rank, parameters vs. all-dense."""
+    _check_module(model)
     report = Summary(params_after=_count(model), params_active=active_parameters(model))
     dense = report.params_after
     for name, m in model.named_modules():

@@ -39,6 +39,9 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) ->
 def fit(model, opt, data: Dataset, epochs: int, batch_size: int = 128, seed: int = 0, progress=None,
         scheduler=None, on_step=None) -> History:
     """Train with cross-entropy for ``epochs``; ``progress`` wraps the batch iterator (e.g. tqdm)."""
+    for name, value, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     gen = torch.Generator().manual_seed(seed)
     hist = History()
     model.train()

@@ -200,6 +200,7 @@ class FactorizedMixin:
         """
         full = min(self.U.shape[0], self.V.shape[0])
         _check_int("capacity", capacity, 1, full)
+        max_rank = capacity if max_rank is None else _check_int("max_rank", max_rank, 1, capacity)
         U, S, V = (t.detach().clone() for t in self.factors())
         if capacity < U.shape[1]:
             P, sig, Qt = torch.linalg.svd(S.double())
@@ -208,7 +209,7 @@ class FactorizedMixin:
         for p in (self.U, self.S, self.V):
             p._lrtrain_retired = True
         self._allocate(self.U.shape[0], self.V.shape[0], capacity, self.U.device, self.U.dtype)
-        self._max_rank = capacity if max_rank is None else _check_int("max_rank", max_rank, 1, capacity)
+        self._max_rank = max_rank
         self.write_factors(U, S, V)
 
     # ------------------------------------------------------------------ dense views

@@ -20,6 +20,12 @@ __all__ = ["tolerance_rank"]
 
 def tolerance_rank(sigma: torch.Tensor, tau: float, min_rank: int = 1, max_rank: int | None = None) -> torch.Tensor:
     """Rank chosen for singular values ``sigma`` (..., p), sorted descending. Returns an int64 tensor (...)."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0 or tau == float("inf"):
+        raise ValueError(f"tau must be a finite real number >= 0, got {tau!r}")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
+        raise ValueError(f"min_rank must be an int >= 0, got {min_rank!r}")
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0):
+        raise ValueError(f"max_rank must be None or an int >= 0, got {max_rank!r}")
     p = sigma.shape[-1]
     s2 = sigma.double().square()
     tail = s2.flip(-1).cumsum(-1).flip(-1)  # tail[k] = Σ_{j>=k} σ_j² (0-based) = Σ_{j>k} (1-based)
