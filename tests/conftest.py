@@ -12,6 +12,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny ops with 2 threads crawl when other processes load the cores
+    (nothing timed depends on it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def mnist():
     """Real MNIST from ../shared/data/mnist (required in CI, skipped elsewhere when absent)."""

@@ -17,13 +17,7 @@ from lrtrain.models import mlp
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops with 2 threads crawl when other processes load the cores; nothing here is a timing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.mark.parametrize("m,n,r", [(64, 64, 8), (48, 80, 5), (96, 32, 16)])

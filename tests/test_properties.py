@@ -43,12 +43,7 @@ IN_SHAPE = (2, 4, 4)  # input images: 2 channels, 4 x 4
 CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 # ---------------------------------------------------------------------------------------------- world
