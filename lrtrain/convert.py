@@ -95,8 +95,8 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
     _check_module(model)
     if rank is None and tau is None:
         raise ValueError("lowrank: give rank (an int >= 1) or tau (a float >= 0)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if rank is not None:
+        _check_int("rank", rank, 1)
     tau = _check_tau(tau)
     lo = 1 if rank is None else rank
     if max_rank is not None:
@@ -175,8 +175,7 @@ def _convert(child, parent, rank, tau, max_rank, capacity, min_features):
 def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
     """Replace every factorized layer of ``model`` by the equivalent dense nn.Linear / nn.Conv2d."""
     _check_module(model)
-    if not isinstance(inplace, bool):
-        raise ValueError(f"inplace must be a bool, got {inplace!r}")
+    _check_bool("inplace", inplace)
     if not inplace:
         model = copy.deepcopy(model)
     for parent in list(model.modules()):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset, batches
-from .layers.factors import FactorizedMixin
+from .layers.factors import FactorizedMixin, _check_int
 
 __all__ = ["History", "fit", "evaluate", "ranks"]
 
@@ -40,8 +40,7 @@ def fit(model, opt, data: Dataset, epochs: int, batch_size: int = 128, seed: int
         scheduler=None, on_step=None) -> History:
     """Train with cross-entropy for ``epochs``; ``progress`` wraps the batch iterator (e.g. tqdm)."""
     for name, value, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        _check_int(name, value, lo)
     gen = torch.Generator().manual_seed(seed)
     hist = History()
     model.train()
