@@ -220,7 +220,7 @@ def _global_poison(poison, shapes):
 
 
 @pytest.mark.parametrize("hp", [dict(HP, weight_decay=0.01),
-                                dict(lr=0.03, tau=0.2, base="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3)],
+                                dict(lr=0.03, tau=0.35, base="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3)],
                          ids=["adamw", "sgd-nesterov"])
 def test_fsdp2_fully_shard_matches_one_process(digits, hp):
     X, Y = _data(digits)

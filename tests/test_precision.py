@@ -94,8 +94,8 @@ def test_autocast_bf16_forward_backward_step(arch, digits):
 def test_step_inside_autocast_is_bitwise_the_step_outside(arch, backend, digits):
     a = MODELS[arch]()
     b = copy.deepcopy(a)
-    oa = DLRT(a.parameters(), lr=0.02, tau=0.3, backend=backend)
-    ob = DLRT(b.parameters(), lr=0.02, tau=0.3, backend=backend)
+    oa = DLRT(a.parameters(), lr=0.02, tau=0.45, backend=backend)
+    ob = DLRT(b.parameters(), lr=0.02, tau=0.45, backend=backend)
     ranks = set()
     for x, y in batches(digits, 8):
         oa.zero_grad()

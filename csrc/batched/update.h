@@ -1,10 +1,14 @@
 // The fused DLRT layer update for a group of L layers of one shape, dtype and device (orchestration).
 //
 // Same spec as lrtrain/optim/step.py (reference_update), batched over the layers:
-//   1. Q_U = orth_complement(U, G_K[:, :a_U]), Q_V likewise: X ← X - U(UᵀX); masked shifted CholeskyQR2
-//      (first-pass Gram in float64; dependent columns exactly zero)      [bmm + Backend::masked_cholqr]
+//   1. Q_U = orth_complement(U, G_K[:, :a], a_U = min(a, m - r)), Q_V likewise: X ← X - U(UᵀX); masked shifted
+//      CholeskyQR2 (first-pass Gram in float64; dependent columns exactly zero; where a_U < a, only the
+//      first a_U kept columns go into the second pass, and the kept columns are moved to the front)
+//                                                                         [bmm + Backend::masked_cholqr]
 //   2. Ŝ = [[S - lr·D_S, -lr·D_Lᵀ Q_V], [-lr·Q_Uᵀ D_K, 0]]                  [bmm]
-//   3. Ŝ = P Σ Qᵀ (one-sided Jacobi, or LAPACK on CPU), rank k by the τ rule (on the device) [Backend::svd]
+//   3. Ŝ = P Σ Qᵀ (one-sided Jacobi, or LAPACK on CPU) [Backend::svd, run with τ = 0: its rank is the
+//      numerical rank clamped to [min_rank, max_rank]]; rank k = the τ-rank + probes within that
+//      (lrtrain.rank.tolerance_rank), on the device [ATen]; P, Q, σ zeroed beyond k
 //   4. U_raw = [U, Q_U] P_k, CholeskyQR: U_new = U_raw R_u⁻¹ (V likewise), S_new = R_u Σ_k R_vᵀ
 //                                                                         [bmm + Backend::reorth]
 // Ranks stay on the device: P_k is P with its columns ≥ k zeroed, so every tensor keeps a padded width
@@ -56,11 +60,12 @@ inline Tensor column_scale(const Tensor& G) {
   return at::ldexp(at::ones_like(d), at::neg(at::div(e, 2, "floor")));
 }
 
+// (L, rows, w) → (L, rows, width), width ≤ w: orthonormal columns spanning (I - UUᵀ)X0 (see step 1 above).
 template <class Backend, class T>
-Tensor orth_complement_batched(const Tensor& U, const Tensor& X0, const Tensor& status, const Workspace& ws,
-                               void* stream) {
+Tensor orth_complement_batched(const Tensor& U, const Tensor& X0, int64_t width, const Tensor& status,
+                               const Workspace& ws, void* stream) {
   const int64_t L = U.size(0), w = X0.size(2);
-  if (w == 0) return X0;
+  if (width == 0) return X0.narrow(2, 0, 0);
   const double tol = Num<T>::dependent_tol;
   Tensor X = at::baddbmm(X0, U, at::bmm(U.mT(), X0), /*beta=*/1, /*alpha=*/-1);
   Tensor Xd = X.to(at::kDouble);
@@ -75,11 +80,28 @@ Tensor orth_complement_batched(const Tensor& U, const Tensor& X0, const Tensor& 
   Backend::template masked_cholqr<T>(G.data_ptr<double>(), L, int(w), tol, true, keep.data_ptr<uint8_t>(),
                                      Rinv.data_ptr<T>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
   Tensor Q = at::bmm(X, Rinv);
+  if (width < w)  // kept columns past `width` are rounding residue of an exhausted complement
+    keep.mul_(keep.cumsum(1).le(width).to(at::kByte));
   Q = at::baddbmm(Q, U, at::bmm(U.mT(), Q), 1, -1);  // remove the rounding leak into span(U)
   Tensor G2 = at::bmm(Q.mT(), Q).to(at::kDouble).contiguous();
   Backend::template masked_cholqr<T>(G2.data_ptr<double>(), L, int(w), tol, false, keep.data_ptr<uint8_t>(),
                                      Rinv.data_ptr<T>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
-  return at::bmm(Q, Rinv);
+  Q = at::bmm(Q, Rinv);
+  if (width == w) return Q;
+  // Kept columns first, in their order (a stable sort of the keep flags), then the first `width`.
+  Tensor order = std::get<1>(at::sort(keep, /*stable=*/true, /*dim=*/1, /*descending=*/true)).narrow(1, 0, width);
+  return Q.gather(2, order.unsqueeze(1).expand({L, Q.size(1), width}));
+}
+
+// The rank rule of lrtrain.rank.tolerance_rank with probes, on the device: sig (L, kk) descending with zeros
+// beyond each layer's kernel rank kr (the numerical rank clamped to [min(min_rank, hi), hi]); returns
+// k = max(min(by_tol + probes, kr), min(min_rank, kr)) as (L) int, by_tol = #{j : Σ_{i≥j} σ_i² > τ²‖σ‖²}.
+inline Tensor probed_rank(const Tensor& sig, const Tensor& kr, double tau, int64_t min_rank, int64_t probes) {
+  Tensor s2 = sig.to(at::kDouble).square();
+  Tensor tail = s2.flip(-1).cumsum(-1).flip(-1);
+  Tensor by_tol = tail.gt(tail.narrow(1, 0, 1) * (tau * tau)).sum(-1).add(probes);
+  Tensor k = at::minimum(by_tol, kr.to(at::kLong));
+  return at::maximum(k, at::clamp_max(kr.to(at::kLong), min_rank)).to(at::kInt);
 }
 
 // [U, Q_U] P = U P[:r] + Q_U P[r:] (L, rows, kw).
@@ -157,7 +179,7 @@ GroupTensors fused_update_group(const std::vector<Tensor>& Us, const std::vector
                                 const std::vector<Tensor>& GLs, const std::vector<Tensor>& DKs,
                                 const std::vector<Tensor>& DLs, const std::vector<Tensor>& DSs,
                                 const std::vector<int64_t>& max_ranks, int64_t augment, double lr, double tau,
-                                int64_t min_rank, int64_t max_sweeps, int svd_method, void* stream) {
+                                int64_t min_rank, int64_t probes, int64_t max_sweeps, int svd_method, void* stream) {
   at::NoGradGuard no_grad;
   const int64_t L = int64_t(Us.size());
   TORCH_CHECK(L > 0 && Ss.size() == size_t(L) && Vs.size() == size_t(L) && GKs.size() == size_t(L) &&
@@ -176,18 +198,18 @@ GroupTensors fused_update_group(const std::vector<Tensor>& Us, const std::vector
 
   std::vector<Tensor> xu, xv;
   for (int64_t l = 0; l < L; ++l) {
-    xu.push_back(GKs[l].narrow(1, 0, aU));
-    xv.push_back(GLs[l].narrow(1, 0, aV));
+    xu.push_back(GKs[l].narrow(1, 0, aU == 0 ? 0 : a));
+    xv.push_back(GLs[l].narrow(1, 0, aV == 0 ? 0 : a));
   }
   Tensor U = stack_layers(Us), V = stack_layers(Vs);
   Tensor status = at::zeros({L}, opts.dtype(at::kInt));
   Tensor max_rank = max_rank_tensor(max_ranks, opts.device());
-  Workspace ws{Tensor(), layer_workspace_bytes<T>(int(std::max(aU, aV)), int(p), int(q))};
+  Workspace ws{Tensor(), layer_workspace_bytes<T>(int(a), int(p), int(q))};
   ws.buf = at::empty({int64_t(ws.stride) * L}, opts.dtype(at::kByte));
 
   // 1. augment
-  Tensor QU = orth_complement_batched<Backend, T>(U, stack_layers(xu), status, ws, stream);
-  Tensor QV = orth_complement_batched<Backend, T>(V, stack_layers(xv), status, ws, stream);
+  Tensor QU = orth_complement_batched<Backend, T>(U, stack_layers(xu), aU, status, ws, stream);
+  Tensor QV = orth_complement_batched<Backend, T>(V, stack_layers(xv), aV, status, ws, stream);
   // 2. Galerkin core
   Tensor core = at::zeros({L, p, q}, opts);
   core.narrow(1, 0, r).narrow(2, 0, r).copy_(at::sub(stack_layers(Ss), stack_layers(DSs).mul(lr)));
@@ -195,10 +217,17 @@ GroupTensors fused_update_group(const std::vector<Tensor>& Us, const std::vector
   if (aU > 0) core.narrow(1, r, aU).narrow(2, 0, r).copy_(at::bmm(QU.mT(), stack_layers(DKs)).mul_(-lr));
   // 3. SVD + rank (on the device)
   Tensor P = at::empty({L, p, kk}, opts), Q = at::empty({L, q, kk}, opts), sig = at::empty({L, kk}, opts);
-  Tensor rank = at::empty({L}, opts.dtype(at::kInt));
-  Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), tau,
+  Tensor kr = at::empty({L}, opts.dtype(at::kInt));
+  Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), /*tau=*/0.0,
                            int(min_rank), int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(),
-                           rank.data_ptr<int>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
+                           kr.data_ptr<int>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
+  Tensor rank = probed_rank(sig, kr, tau, min_rank, probes);
+  {
+    Tensor live = at::arange(kk, opts.dtype(at::kInt)).unsqueeze(0).lt(rank.unsqueeze(1)).to(sig.scalar_type());
+    sig.mul_(live);
+    P.mul_(live.unsqueeze(1));
+    Q.mul_(live.unsqueeze(1));
+  }
   // 4. rotate the bases, re-orthonormalize, fold R into S. Every rank is ≤ kw, so the padded width can
   // drop to kw: the largest max_rank (< 0: no cap) in general, the largest chosen rank where the ranks
   // live on the host (CPU).

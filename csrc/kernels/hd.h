@@ -42,6 +42,7 @@ template <> struct Num<double> {
   static constexpr double dependent_tol = 1e-12;
 };
 constexpr double kDoubleTiny = 2.2250738585072014e-308;  // torch.finfo(torch.float64).tiny
+constexpr double kDoubleEps = 2.220446049250313e-16;  // torch.finfo(torch.float64).eps
 
 LRT_FN float lrt_sqrt(float x) {
 #ifdef __CUDA_ARCH__

@@ -8,7 +8,17 @@ SGD adds λp to the gradient (coupled L2), AdamW scales p by (1 - lr·λ) (decou
 
 State is kept per tensor in the same coordinates as its gradient. ``linear_keys`` transform like the
 gradient under a change of basis (momentum, Adam's first moment); ``square_keys`` like its square
-(Adam's second moment).
+(Adam's second moment, and the bias-correction masses below).
+
+Per-direction bias correction (AdamW): Adam divides m and v by 1 - β1ᵗ and 1 - β2ᵗ, the weight their
+exponential averages have accumulated since the moments started at zero. In factor coordinates the
+directions change at every basis update, and a direction that entered at step 1000 has moments that
+started at zero there: the layer's step count would under-correct them (up to 5× too large a step).
+So the accumulated weights are state too, ``bias_mass`` = (w1, w2) with w ← β w + (1 - β) each step
+(w = 1 - βᵗ on a fixed basis, identical to Adam), carried through a basis change like v, by the squared
+rotation: a direction new to the basis starts from w ≈ 0, a rotated one from the convex mix of the old.
+Shapes: (2, r) for K- and L-state (one weight per column: a column is one direction of the other
+side's basis), (2, r, r) for S-state. Dense parameters keep the scalar step count.
 """
 from __future__ import annotations
 
@@ -43,10 +53,11 @@ class SGD:
 
 
 class AdamW:
-    """m ← β1 m + (1-β1) g, v ← β2 v + (1-β2) g², D = (m / (1-β1ᵗ)) / (√(v / (1-β2ᵗ)) + eps)."""
+    """m ← β1 m + (1-β1) g, v ← β2 v + (1-β2) g², D = (m / c1) / (√(v / c2) + eps), with c = 1 - βᵗ, or
+    c = w from the state's ``bias_mass`` (w1, w2), w ← β w + (1 - β), where the caller keeps one."""
 
     linear_keys = ("exp_avg",)
-    square_keys = ("exp_avg_sq",)
+    square_keys = ("exp_avg_sq", "bias_mass")
 
     def directions(self, grads, decay_params, states, group):
         b1, b2 = group["betas"]
@@ -57,11 +68,28 @@ class AdamW:
         vs = torch._foreach_mul(vs, b2)
         torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
         denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, [math.sqrt(1.0 - b2 ** t) for t in steps])
+        masses = [None] * len(grads)
+        for i, st in enumerate(states):
+            if "bias_mass" in st:
+                w = st["bias_mass"]
+                masses[i] = torch.stack([w[0] * b1 + (1.0 - b1), w[1] * b2 + (1.0 - b2)])
+        plain = [i for i, w in enumerate(masses) if w is None]
+        if plain:
+            torch._foreach_div_([denom[i] for i in plain], [math.sqrt(1.0 - b2 ** steps[i]) for i in plain])
+        for i, w in enumerate(masses):
+            if w is not None:
+                denom[i].div_(w[1].sqrt())
         torch._foreach_add_(denom, group["eps"])
         dirs = torch._foreach_div(ms, denom)
-        torch._foreach_div_(dirs, [1.0 - b1 ** t for t in steps])
-        return dirs, [{"exp_avg": m, "exp_avg_sq": v, "step": t} for m, v, t in zip(ms, vs, steps)]
+        if plain:
+            torch._foreach_div_([dirs[i] for i in plain], [1.0 - b1 ** steps[i] for i in plain])
+        for i, w in enumerate(masses):
+            if w is not None:
+                dirs[i].div_(w[0])
+        out = []
+        for m, v, t, w in zip(ms, vs, steps, masses):
+            out.append({"exp_avg": m, "exp_avg_sq": v, "step": t} | ({} if w is None else {"bias_mass": w}))
+        return dirs, out
 
     def decayed(self, p, group):
         wd = group["weight_decay"]

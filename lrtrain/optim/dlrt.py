@@ -1,12 +1,20 @@
 """DLRT: a drop-in ``torch.optim.Optimizer`` that trains factorized layers with adaptive rank.
 
 Each step, for every factorized layer in the parameter list (found through the layers, see
-:mod:`.params`), the base rule (SGD or AdamW, :mod:`.base`) gives directions in the coordinates
-K = U S, L = V Sᵀ and S at the layer's active rank r; the layer update (:mod:`.step`) augments the bases,
-projects the step onto them, truncates by the τ rule to a new rank k ≤ max_rank ≤ capacity, and rotates
-the optimizer state. Factors and state are written **in place** into their fixed-capacity buffers
-(leading k columns; the rest zero) and the layer's active rank becomes k. Other parameters get the plain
-base update. One forward and one backward per step.
+:mod:`.params`), the base rule (SGD or AdamW, :mod:`.base`) gives directions D_K, D_L, D_S in the
+coordinates K = U S, L = V Sᵀ and S at the layer's active rank r. Every ``refresh``-th step of a layer
+is a *basis update* (:mod:`.step`): it augments the bases with the directions the optimizer steps,
+projects the step onto them, truncates by the τ rule (plus ``probes`` directions of room to grow) to a
+new rank k ≤ max_rank ≤ capacity, and rotates the optimizer state. The steps in between are
+*fixed-basis* steps: S ← decay(S) - lr·D_S with U and V unchanged, while D_K and D_L are summed
+(``deferred``) and enter the next basis update as its K- and L-steps (at that step's learning rate):
+
+    X_K = Σ_{steps since the last basis update} D_K,   Ŝ's coupling blocks -lr·Q_Uᵀ X_K, -lr·X_Lᵀ Q_V
+
+so no part of the optimizer's step is dropped, only delayed. ``refresh=1`` updates the basis every step.
+Factors and state are written **in place** into their fixed-capacity buffers (leading k columns; the
+rest zero) and the layer's active rank becomes k. Other parameters get the plain base update. One
+forward and one backward per step.
 
 Distributed: every quantity the step reads (gradients all-reduced by DDP, or full tensors gathered
 from FSDP2 shards; parameters identical on every replica) is the same on every process, and the step is
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 import warnings
 
 import torch
@@ -29,7 +38,10 @@ from .base import BASES, make_rule
 from .params import LOW_PRECISION, Slot, find_layers, fsdp1_kind, is_dtensor
 from .step import LayerStep, transport_state
 
-__all__ = ["DLRT"]
+__all__ = ["DLRT", "DEFAULT_REFRESH"]
+
+# Basis update interval by default (DLRT(refresh=...)); chosen by measurement, see README "Basis refresh".
+DEFAULT_REFRESH = 1
 
 
 class DLRT(Optimizer):
@@ -45,6 +57,10 @@ class DLRT(Optimizer):
         weight_decay: λ >= 0. On factorized layers it acts on S only (‖W‖_F = ‖S‖_F).
         tau: relative truncation tolerance τ >= 0 (see :mod:`lrtrain.rank.truncation`).
         min_rank: smallest rank a layer may truncate to (>= 1).
+        probes: singular directions kept beyond the τ-rank at each basis update (>= 0; default 1): the
+            rank's room to grow (see :mod:`.step`). A layer's rank is its τ-rank + probes, at most max_rank.
+        refresh: basis update interval in steps (>= 1): 1 updates every layer's bases at every step;
+            k > 1 takes k - 1 fixed-basis steps (S only, the K/L steps deferred) in between.
         nonfinite: ``"skip"`` (warn, count in ``skipped_steps``, leave that layer untouched) or
             ``"raise"`` (FloatingPointError before anything is updated).
         guide: optional rank guide (e.g. :class:`lrtrain.CollapseMonitor`): before each layer's update
@@ -58,8 +74,8 @@ class DLRT(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, base: str = "adamw", momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1, nonfinite: str = "skip",
-                 guide=None, backend: str = "auto"):
+                 weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1, probes: int = 1,
+                 refresh: int = DEFAULT_REFRESH, nonfinite: str = "skip", guide=None, backend: str = "auto"):
         if not isinstance(nonfinite, str) or nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if guide is not None and not callable(getattr(guide, "adjust", None)):
@@ -70,7 +86,8 @@ class DLRT(Optimizer):
         self.guide = guide
         self.skipped_steps = 0
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                        betas=betas, eps=eps, weight_decay=weight_decay, tau=tau, min_rank=min_rank)
+                        betas=betas, eps=eps, weight_decay=weight_decay, tau=tau, min_rank=min_rank, probes=probes,
+                        refresh=refresh)
         _validate_group(defaults)  # every argument checked before torch sees the params
         super().__init__(params, defaults)
         self._check_factors()
@@ -179,6 +196,8 @@ class DLRT(Optimizer):
             raise ValueError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
         params = {i: p for g_saved, g in zip(state_dict["param_groups"], self.param_groups)
                   for i, p in zip(g_saved["params"], g["params"])}
+        layers, _ = find_layers([p for g in self.param_groups for p in g["params"]])
+        role = {id(getattr(l, r)): r for l in layers for r in "USV"}
         for idx, st in state.items():
             if idx not in params:
                 raise ValueError(f"state_dict: state for parameter index {idx!r}, which no param group lists")
@@ -187,6 +206,10 @@ class DLRT(Optimizer):
             p = params[idx]
             for key, v in st.items():
                 where = f"state_dict: state[{idx!r}][{key!r}]"
+                if key == "basis_age":
+                    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                        raise ValueError(f"{where} must be an int >= 0, got {v!r}")
+                    continue
                 if key == "step":
                     n = v.item() if torch.is_tensor(v) and v.numel() == 1 else v
                     if isinstance(n, bool) or not isinstance(n, (int, float)) or not (n >= 0 and float(n).is_integer()):
@@ -196,14 +219,17 @@ class DLRT(Optimizer):
                     raise ValueError(f"{where} must be a tensor, got {type(v).__name__}")
                 if not v.is_floating_point():
                     raise ValueError(f"{where} must be floating point, got {v.dtype}")
-                if tuple(v.shape) != tuple(p.shape):
-                    raise ValueError(f"{where} has shape {tuple(v.shape)}; it must match its parameter's "
-                                     f"shape {tuple(p.shape)}")
+                want = tuple(p.shape) if key != "bias_mass" else (2, *p.shape) if role.get(id(p)) == "S" else (2, p.shape[-1])
+                if tuple(v.shape) != want:
+                    raise ValueError(f"{where} has shape {tuple(v.shape)}; it must be {want}"
+                                     + (" (its parameter's shape)" if key != "bias_mass" else ""))
                 local = v.to_local() if is_dtensor(v) else v
                 if not bool(torch.isfinite(local).all()):
                     raise ValueError(f"{where} is not finite (NaN or inf)")
                 if key == "exp_avg_sq" and bool((local < 0).any()):
                     raise ValueError(f"{where} (a second moment) must be >= 0")
+                if key == "bias_mass" and bool(((local < 0) | (local > 1.001)).any()):
+                    raise ValueError(f"{where} (bias-correction weights) must be in [0, 1] (up to rounding)")
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -286,21 +312,35 @@ class DLRT(Optimizer):
         for l in layers:
             r = l.rank
             sU, sS, sV = (Slot(getattr(l, role), self.state[getattr(l, role)], full=True) for role in "USV")
+            if "exp_avg" in rule.linear_keys:
+                for s, two in ((sU, False), (sV, False), (sS, True)):
+                    _init_mass(s.state, s.value, two, group, r)
             slots.append((sU, sS, sV, r))
             grads += [sU.grad[:, :r], sV.grad[:, :r], sS.grad[:r, :r]]
             decay += [None, None, sS.value[:r, :r]]
             states += [_active_state(s.state, keys, r, two) for s, two in ((sU, False), (sV, False), (sS, True))]
         dirs, new_states = rule.directions(grads, decay, states, group) if layers else ([], [])
 
-        items = []
+        refresh = group["refresh"]
+        items, fixed, where = [], [], []
         for j, (l, (sU, sS, sV, r)) in enumerate(zip(layers, slots)):
             D_K, D_L, D_S = dirs[3 * j: 3 * j + 3]
-            item = LayerStep(sU.value[:, :r], rule.decayed(sS.value[:r, :r], group), sV.value[:, :r],
-                             grads[3 * j], grads[3 * j + 1], D_K, D_L, D_S, l.max_rank)
+            S_step = rule.decayed(sS.value[:r, :r], group)
+            if refresh > 1:  # add the deferred K/L steps of the fixed-basis steps since the last basis update
+                D_K = D_K + _buffer(sU.state, "deferred", sU.value)[:, :r]
+                D_L = D_L + _buffer(sV.state, "deferred", sV.value)[:, :r]
+            if sS.state.get("basis_age", 0) + 1 < refresh:
+                where.append(("fixed", len(fixed)))
+                fixed.append(_FixedBasisStep(S_step - lr * D_S, D_K, D_L))
+                continue
+            item = LayerStep(sU.value[:, :r], S_step, sV.value[:, :r], D_K, D_L, D_K, D_L, D_S, l.max_rank,
+                             probes=group["probes"])
             if self.guide is not None:
                 self.guide.adjust(l, item, group)
+            where.append(("update", len(items)))
             items.append(item)
-        results = update_layers(items, lr, group["tau"], group["min_rank"], backend=self.backend) if items else []
+        updated = update_layers(items, lr, group["tau"], group["min_rank"], backend=self.backend) if items else []
+        results = [updated[i] if kind == "update" else fixed[i] for kind, i in where]
         return dict(group=group, rule=rule, layers=layers, slots=slots, results=results,
                     new_states=new_states, finite=finite_flags(results), pslots=pslots, pdirs=pdirs,
                     pstates=pstates, owner=owner)
@@ -314,9 +354,22 @@ class DLRT(Optimizer):
                               RuntimeWarning)
                 self.skipped_steps += 1
                 continue
+            new = dict(zip("VS", pend["new_states"][3 * j + 1: 3 * j + 3]), U=pend["new_states"][3 * j])
+            if isinstance(res, _FixedBasisStep):  # S and the moments in place, the K/L steps deferred
+                _active(sS.value, r, True).copy_(res.S)
+                sS.commit()
+                for role, s, two in (("U", sU, False), ("S", sS, True), ("V", sV, False)):
+                    for key, v in new[role].items():
+                        if key == "step":
+                            s.state["step"] = v
+                        else:
+                            _active(_buffer(s.state, key, s.value), r, two).copy_(v)
+                sU.state["deferred"][:, :r].copy_(res.X_K)
+                sV.state["deferred"][:, :r].copy_(res.X_L)
+                sS.state["basis_age"] = sS.state.get("basis_age", 0) + 1
+                continue
             k = res.S.shape[0]
             slots = {"U": (sU, res.U, False), "S": (sS, res.S, True), "V": (sV, res.V, False)}
-            new = dict(zip("VS", pend["new_states"][3 * j + 1: 3 * j + 3]), U=pend["new_states"][3 * j])
             # Moments are transported straight into their fixed buffers (leading k columns / k × k block).
             out = {role: {key: _active(_buffer(s.state, key, s.value), k, two) for key in keys if key in new[role]}
                    for role, (s, _, two) in slots.items()}
@@ -328,6 +381,9 @@ class DLRT(Optimizer):
                     _zero_unused(s.state[key], k, r, two)
                 if "step" in new[role]:
                     s.state["step"] = new[role]["step"]
+                if "deferred" in s.state:
+                    s.state["deferred"].zero_()
+            sS.state["basis_age"] = 0
             l._set_rank(k)
         lr = group["lr"]
         for s, d, st, j in zip(pend["pslots"], pend["pdirs"], pend["pstates"], pend["owner"]):
@@ -342,8 +398,33 @@ def _grad(p):
 
 
 def _active(buf: torch.Tensor, r: int, two_sided: bool) -> torch.Tensor:
-    """The active block of a fixed buffer: buf[:, :r], or buf[:r, :r] for two-sided S-coordinates."""
-    return buf[:r, :r] if two_sided else buf[:, :r]
+    """The active block of a fixed buffer: buf[..., :r], or buf[..., :r, :r] for two-sided S-coordinates."""
+    return buf[..., :r, :r] if two_sided else buf[..., :r]
+
+
+@dataclass
+class _FixedBasisStep:
+    """A layer's fixed-basis step: its new S block (r×r) and the deferred K/L steps X_K (m×r), X_L (n×r)."""
+
+    S: torch.Tensor
+    X_K: torch.Tensor
+    X_L: torch.Tensor
+
+
+def _init_mass(state: dict, like: torch.Tensor, two_sided: bool, group: dict, r: int) -> None:
+    """Allocate a factor's Adam ``bias_mass`` (see :mod:`.base`) at full capacity: (2, c), or (2, c, c) for S.
+    A state that has a step count but no masses (a checkpoint of an older lrtrain) starts from the plain
+    Adam weights 1 - βᵗ on its active block."""
+    if "bias_mass" in state:
+        return
+    c = like.shape[-1]
+    w = like.new_zeros((2, c, c) if two_sided else (2, c))
+    t = int(state.get("step", 0))
+    if t:
+        b1, b2 = group["betas"]
+        _active(w, r, two_sided)[0] = 1.0 - b1 ** t
+        _active(w, r, two_sided)[1] = 1.0 - b2 ** t
+    state["bias_mass"] = w
 
 
 def _active_state(state: dict, keys, r: int | None, two_sided: bool = False) -> dict:
@@ -366,10 +447,10 @@ def _zero_unused(buf: torch.Tensor, k: int, r: int, two_sided: bool) -> None:
     if k >= r:
         return
     if two_sided:
-        buf[k:r, :r].zero_()
-        buf[:k, k:r].zero_()
+        buf[..., k:r, :r].zero_()
+        buf[..., :k, k:r].zero_()
     else:
-        buf[:, k:r].zero_()
+        buf[..., k:r].zero_()
 
 
 def _write_active(buf: torch.Tensor, new: torch.Tensor, k: int, r: int, two_sided: bool) -> None:
@@ -456,7 +537,8 @@ def _validated_skipped(v) -> int:
 def _validate_group(g: dict) -> None:
     """Check every hyperparameter of a param group (the constructor's arguments); errors name the argument
     and its allowed range. Normalizes ``betas`` to a tuple of two floats."""
-    for key in ("lr", "base", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "tau", "min_rank"):
+    for key in ("lr", "base", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "tau", "min_rank",
+                "probes", "refresh"):
         if key not in g:
             raise ValueError(f"param group lacks {key!r}")
     if not isinstance(g["base"], str):
@@ -471,11 +553,12 @@ def _validate_group(g: dict) -> None:
     if g["nesterov"] and (mu <= 0 or damp != 0):
         raise ValueError(f"nesterov=True requires momentum > 0 and dampening = 0, got momentum={g['momentum']!r}, "
                          f"dampening={g['dampening']!r}")
-    mr = g["min_rank"]
-    if isinstance(mr, bool) or not isinstance(mr, int):
-        raise TypeError(f"min_rank must be an int >= 1, got {mr!r} ({type(mr).__name__})")
-    if mr < 1:
-        raise ValueError(f"min_rank must be an int >= 1, got {mr!r}")
+    for key, lo in (("min_rank", 1), ("probes", 0), ("refresh", 1)):
+        v = g[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{key} must be an int >= {lo}, got {v!r} ({type(v).__name__})")
+        if v < lo:
+            raise ValueError(f"{key} must be an int >= {lo}, got {v!r}")
     betas = g["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")

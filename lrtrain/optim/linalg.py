@@ -40,7 +40,8 @@ def _masked_cholqr(X: torch.Tensor, keep: torch.Tensor | None = None):
     changes nothing but keeps ``R⁻¹`` representable in X's dtype for tiny X; the second pass runs on
     the first one's output, whose columns have norm ~1 or 0.
 
-    X: (..., m, k). The Gram matrix is factorized in float64 with a shift ``s = 1e-3·tol·max diag(G)``;
+    X: (..., m, k). The Gram matrix is factorized in float64 with a shift
+    ``s = (1e-3·tol + 2k·eps64)·max diag(G)``;
     on the first pass (``keep`` is None) it is also formed in float64, so that its rounding stays far
     below the shift and the factorization never fails; columns whose squared
     distance to the span of the previous columns is below ``tol·max diag(G)`` are dropped (their
@@ -56,33 +57,41 @@ def _masked_cholqr(X: torch.Tensor, keep: torch.Tensor | None = None):
     k = G.shape[-1]
     eye = torch.eye(k, dtype=G.dtype, device=G.device)
     scale = G.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    shift = 1e-3 * tol + 2.0 * k * torch.finfo(torch.float64).eps  # + the rounding of a float64 Gram of k columns
     if keep is None:
-        R = torch.linalg.cholesky(G + (1e-3 * tol) * scale[..., None] * eye, upper=True)
+        R = torch.linalg.cholesky(G + shift * scale[..., None] * eye, upper=True)
         keep = R.diagonal(dim1=-2, dim2=-1).square() > tol * scale
     m = keep.to(G.dtype)
     # Zero the dropped rows/columns of G and put 1 on their diagonal: R' is block-diagonal there.
     Gm = G * (m[..., :, None] * m[..., None, :]) + torch.diag_embed(1.0 - m)
-    R = torch.linalg.cholesky(Gm + (1e-3 * tol) * scale[..., None] * eye * m[..., None, :], upper=True)
+    R = torch.linalg.cholesky(Gm + shift * scale[..., None] * eye * m[..., None, :], upper=True)
     Rinv = torch.linalg.solve_triangular(R, eye.expand_as(R), upper=True)
     Q = X @ (Rinv * m[..., :, None]).to(X.dtype)
     return Q, keep
 
 
 def orth_complement(U: torch.Tensor, X: torch.Tensor, width: int) -> torch.Tensor:
-    """Orthonormal columns spanning ``(I - U Uᵀ) X``, zero-padded to ``width`` columns.
+    """Orthonormal columns spanning ``(I - U Uᵀ) X``, compacted to ``width`` columns.
 
-    U: (m, r) with orthonormal columns; X: (m, k). Returns Q (m, width) with QᵀU = 0, the non-zero
-    columns orthonormal and ``span(Q) ⊇ span((I - U Uᵀ) X)`` up to columns whose squared residual is
-    below :func:`dependent_tol` of the largest (dropped, i.e. zero). ``width <= k``; the first ``width``
-    columns of X are used (width = min(k, m - r) when the augmentation is capped by the dimension m).
+    U: (m, r) with orthonormal columns; X: (m, k), width <= k. Every column of X is projected and
+    orthonormalized (columns whose squared residual is below :func:`dependent_tol` of the largest are
+    dropped, i.e. zero); the kept columns are then moved to the front, in their order, and the first
+    ``width`` returned, zero-padded (kept columns past ``width`` -- in the capped case, rounding
+    residue of an exhausted complement -- are dropped before the second pass). Returns Q (m, width) with QᵀU = 0 and the non-zero columns
+    orthonormal; ``span(Q) = span((I - U Uᵀ) X)`` whenever that span has dimension <= width (always when
+    width = m - r, the dimension cap).
     """
-    X = X[:, :width]
     if width == 0:
-        return X
+        return X[:, :0]
     X = X - U @ (U.mT @ X)
     Q, keep = _masked_cholqr(X)
+    if width < Q.shape[-1]:  # more kept than fit are rounding (past the dimension m - r): keep the first
+        keep = keep & (keep.cumsum(-1) <= width)
     Q = Q - U @ (U.mT @ Q)  # remove the rounding leak into span(U) before the second pass
     Q, _ = _masked_cholqr(Q, keep)
+    if width < Q.shape[-1]:
+        order = torch.argsort(keep.to(torch.uint8), descending=True, stable=True)[:width]
+        Q = Q[:, order]
     return Q
 
 

@@ -1,16 +1,28 @@
 """The DLRT layer update: the specification every backend (reference here, fused in csrc/) implements.
 
-For one layer with W = U S Vᵀ (U: m×r, V: n×r, S: r×r), gradients G_K = G_W V, G_L = G_Wᵀ U and the
-base optimizer's directions D_K, D_L, D_S (see :mod:`.base`):
+For one layer with W = U S Vᵀ (U: m×r, V: n×r, S: r×r) and the base optimizer's directions D_K, D_L, D_S
+(see :mod:`.base`) in the coordinates K = U S, L = V Sᵀ, S, the optimizer's step in weight space is
 
-1. Augment:  Û = [U, Q_U], Q_U = orth((I - U Uᵀ) G_K) with min(r, m - r) columns; V̂ = [V, Q_V] likewise
-   from G_L (each side is capped by its own dimension, so at full rank the step is the dense step).
-2. Assemble the Galerkin core of the stepped weight, Ŝ = Ûᵀ (W - step) V̂:
+    W - lr·T,   T = U D_S Vᵀ + (I - U Uᵀ) D_K Vᵀ + U D_Lᵀ (I - V Vᵀ)        (its tangent-space part)
+
+1. Augment with the directions the step takes:  Û = [U, Q_U], Q_U = orth((I - U Uᵀ) X_K) with at most
+   a = min(r, augment) columns (X_K = D_K, or a rank guide's directions), *compacted*: numerically
+   dependent columns are dropped and the independent ones come first, so a side capped by its
+   dimension (m - r < a) keeps every independent direction, not the first m - r columns; V̂ = [V, Q_V]
+   likewise from X_L = D_L. With X = D, span(Q_U) ⊇ span((I - U Uᵀ) D_K): the whole tangent step is
+   represented (at full rank, the dense step).
+2. Assemble the Galerkin core of the stepped weight, Ŝ = Ûᵀ (W - lr·T) V̂:
 
         Ŝ = [[ decay(S) - lr·D_S ,  -lr·D_Lᵀ Q_V ],
              [ -lr·Q_Uᵀ D_K      ,  0            ]]
 
-3. Truncate: Ŝ = P Σ Qᵀ, r' = :func:`lrtrain.rank.tolerance_rank` (σ, τ, min_rank, max_rank);
+3. Truncate: Ŝ = P Σ Qᵀ, r' = :func:`lrtrain.rank.tolerance_rank` (σ, τ, min_rank, max_rank, probes): the
+   τ-rank plus ``probes`` further singular directions (kept with their singular values, so W loses
+   less than the τ rule allows). The probes are the rank's room to grow: at a fixed-rank stationary
+   point the coupling blocks vanish and the normal block (I - UUᵀ) G (I - VVᵀ) never enters Ŝ, but a
+   probe column v_p of V makes the next step's G_K = G_W V contain G_W v_p, whose normal part is the
+   normal block applied to v_p (one step of subspace iteration on it); a probe whose singular value
+   grows past the τ rule joins the τ-rank and a new probe is taken.
    U ← Û P[:, :r'], V ← V̂ Q[:, :r'], S ← diag(σ_1..σ_r'); then one CholeskyQR pass U ← U R_u⁻¹,
    V ← V R_v⁻¹, S ← R_u S R_vᵀ (W unchanged) so that rounding never accumulates in the bases.
 4. Transport optimizer state to the new bases with R_U = P[:r, :r'] = Uᵀ U_new, R_V = Q[:r, :r']:
@@ -34,7 +46,8 @@ __all__ = ["LayerStep", "LayerResult", "augmented_core", "reference_update", "re
 
 @dataclass
 class LayerStep:
-    """Inputs of one layer's update. S_decayed = decay(S) from the base rule (S itself for SGD)."""
+    """Inputs of one layer's update. S_decayed = decay(S) from the base rule (S itself for SGD); G_K (m×r),
+    G_L (n×r): the augmentation directions X_K, X_L (DLRT passes D_K, D_L; a rank guide may replace them)."""
 
     U: torch.Tensor
     S_decayed: torch.Tensor
@@ -46,6 +59,7 @@ class LayerStep:
     D_S: torch.Tensor
     max_rank: int
     augment: int | None = None  # at most this many new columns per side (None: r); set by a rank guide
+    probes: int = 0  # singular directions kept beyond the τ-rank (see the module docstring, step 3)
 
 
 @dataclass
@@ -65,8 +79,8 @@ def augmented_core(item: LayerStep, lr: float):
     m, r = U.shape
     n = V.shape[0]
     a = r if item.augment is None else min(r, item.augment)
-    Q_U = orth_complement(U, item.G_K, min(a, m - r))
-    Q_V = orth_complement(V, item.G_L, min(a, n - r))
+    Q_U = orth_complement(U, item.G_K[:, :a], min(a, m - r))
+    Q_V = orth_complement(V, item.G_L[:, :a], min(a, n - r))
     top = torch.cat([item.S_decayed - lr * item.D_S, -lr * (item.D_L.mT @ Q_V)], dim=1)
     bottom = torch.cat([-lr * (Q_U.mT @ item.D_K), U.new_zeros(Q_U.shape[1], Q_V.shape[1])], dim=1)
     S_hat = torch.cat([top, bottom], dim=0)
@@ -79,7 +93,7 @@ def reference_update(item: LayerStep, lr: float, tau: float, min_rank: int) -> L
     r = U.shape[1]
     Q_U, Q_V, S_hat = augmented_core(item, lr)
     P, sigma, Q = robust_svd(S_hat)
-    k = int(tolerance_rank(sigma, tau, min_rank, item.max_rank))
+    k = int(tolerance_rank(sigma, tau, min_rank, item.max_rank, item.probes))
     P, sigma, Q = P[:, :k].to(U.dtype), sigma[:k].to(U.dtype), Q[:, :k].to(U.dtype)
     R_U, R_V = P[:r], Q[:r]
     U_new, Ru = reorthonormalize(U @ R_U + Q_U @ P[r:])
@@ -102,7 +116,10 @@ def transport_state(states: dict, R_U: torch.Tensor, R_V: torch.Tensor, linear_k
         for key in keys:
             if key not in states["U"]:
                 continue
-            dst = (lambda role: None) if out is None else (lambda role: out[role][key])  # noqa: E731
-            states["U"][key] = torch.matmul(states["U"][key], B, out=dst("U"))
-            states["V"][key] = torch.matmul(states["V"][key], A, out=dst("V"))
-            states["S"][key] = torch.matmul(A.mT @ states["S"][key], B, out=dst("S"))
+            for role, left, right in (("U", None, B), ("V", None, A), ("S", A, B)):
+                X = states[role][key] if left is None else left.mT @ states[role][key]
+                dst = None if out is None else out[role][key]
+                if dst is None or X.dim() == 2:
+                    states[role][key] = torch.matmul(X, right, out=dst)
+                else:  # a stack (the Adam bias masses): matmul's out= does not take strided batches
+                    states[role][key] = dst.copy_(X @ right)
