@@ -56,7 +56,7 @@ def test_required_backends_are_active():
 
 # ---------------------------------------------------------------------------------------------- inputs
 def make_item(m, n, r, dtype, seed, *, lr_scale=1.0, max_rank=None, augment=None, zero_grad=False,
-              device="cpu", probes=0) -> LayerStep:
+              device="cpu", spare=0) -> LayerStep:
     """A realistic layer step: orthonormal U, V; S nearly diagonal; random gradients; Adam-like directions."""
     g = torch.Generator().manual_seed(seed)
 
@@ -72,7 +72,7 @@ def make_item(m, n, r, dtype, seed, *, lr_scale=1.0, max_rank=None, augment=None
     if zero_grad:
         GK, GL, DK, DL, DS = (torch.zeros_like(x) for x in (GK, GL, DK, DL, DS))
     t = [x.to(dtype=dtype, device=device) for x in (U, S, V, GK, GL, DK, DL, DS)]
-    return LayerStep(*t, max_rank=min(m, n) if max_rank is None else max_rank, augment=augment, probes=probes)
+    return LayerStep(*t, max_rank=min(m, n) if max_rank is None else max_rank, augment=augment, spare=spare)
 
 
 def run_variant(variant: str, items, lr, tau, min_rank):
@@ -126,7 +126,7 @@ def _well_posed(item, lr, tau, min_rank) -> bool:
     cap = p * EPS[item.U.dtype] * s[0]
     if ((s - cap).abs() <= 100 * cap).any():
         return False
-    k = int(tolerance_rank(s.to(item.U.dtype), tau, min_rank, item.max_rank, item.probes))
+    k = int(tolerance_rank(s.to(item.U.dtype), tau, min_rank, item.max_rank, item.spare))
     return k <= int((s > cap).sum())
 
 
@@ -147,9 +147,9 @@ def test_layer_parity_random_shapes(variant, dtype, data):
     augment = data.draw(st.one_of(st.none(), st.integers(0, r)), label="augment")
     max_rank = data.draw(st.integers(r, min(m, n)), label="max_rank")
     min_rank = data.draw(st.integers(1, r), label="min_rank")
-    probes = data.draw(st.sampled_from([0, 1, 3]), label="probes")
+    spare = data.draw(st.sampled_from([0, 1, 3]), label="spare")
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
-    items = [make_item(m, n, r, dtype, seed + i, max_rank=max_rank, augment=augment, probes=probes) for i in range(L)]
+    items = [make_item(m, n, r, dtype, seed + i, max_rank=max_rank, augment=augment, spare=spare) for i in range(L)]
     assume(all(_well_posed(it, lr, tau, min_rank) for it in items))
     got = run_variant(variant, items, lr, tau, min_rank)
     assert all(isinstance(g, dispatch.FusedResult) for g in got), "a layer fell back to the reference"

@@ -1,5 +1,5 @@
 """The rank-adaptive step (issue 10): the optimizer's whole tangent step, calibrated Adam moments for new
-directions, rank growth through probes, the dimension-capped augmentation, and the basis refresh interval.
+directions, rank growth through spare directions, the dimension-capped augmentation, and the basis refresh interval.
 Trajectory checks run in float64."""
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_the_whole_tangent_step_is_represented(base, monkeypatch):
     with τ = 0 the new weight is exactly the base rule's tangent step (step 4, ranks moved before)."""
     torch.manual_seed(0)
     layer = LowRankLinear(50, 60, rank=3, capacity=50).double()  # τ = 0: 3 → 6 → 12 → 24, room to augment
-    opt = DLRT(layer.parameters(), lr=0.05, tau=0.0, probes=0, backend="reference", **BASES[base])
+    opt = DLRT(layer.parameters(), lr=0.05, tau=0.0, spare=0, backend="reference", **BASES[base])
     seen = _capture_items(monkeypatch)
     X = torch.randn(64, 50, dtype=torch.float64)
     Y = torch.randn(64, 60, dtype=torch.float64)
@@ -114,7 +114,7 @@ def test_width_cap_takes_the_best_columns(backend):
     assert ((old.U @ old.S @ old.V.mT) - dense).norm() > 1e-2 * lr * dense.norm()
 
 
-def _planted(start: int, base: str, tau: float, probes: int = 1, steps: int = 300):
+def _planted(start: int, base: str, tau: float, spare: int = 1, steps: int = 300):
     """A 64×48 layer fitting a planted rank-12 target (σ from 2 to 1) by minibatch regression."""
     g = torch.Generator().manual_seed(0)
     m, n, k = 64, 48, 12
@@ -127,7 +127,7 @@ def _planted(start: int, base: str, tau: float, probes: int = 1, steps: int = 30
     dense.weight.data.copy_(torch.randn(m, n, generator=g, dtype=torch.float64) * 0.3 / n ** 0.5)
     layer = LowRankLinear.from_dense(dense, rank=start, capacity=48)
     hp = dict(base="adamw", lr=1e-2) if base == "adamw" else dict(base="sgd", lr=1e-2, momentum=0.9)
-    opt = DLRT(layer.parameters(), tau=tau, probes=probes, backend="reference", **hp)
+    opt = DLRT(layer.parameters(), tau=tau, spare=spare, backend="reference", **hp)
     for _ in range(steps):
         idx = torch.randint(0, 512, (64,), generator=g)
         loss = (layer(X[idx]) - Y[idx]).square().sum(1).mean() / 2
@@ -148,9 +148,9 @@ def test_rank_reaches_a_planted_rank_from_below_and_above(start, base, tau):
     assert err < 0.05, err
 
 
-def test_without_probes_the_rank_cannot_grow():
-    """The control: probes=0 is the old behaviour, stuck at the start rank 2 (the normal block never enters)."""
-    rank, err = _planted(2, "sgd", 0.02, probes=0)
+def test_without_spare_the_rank_cannot_grow():
+    """The control: spare=0 is the old behaviour, stuck at the start rank 2 (the normal block never enters)."""
+    rank, err = _planted(2, "sgd", 0.02, spare=0)
     assert rank == 2 and err > 0.5
 
 
@@ -263,7 +263,7 @@ def test_refresh_state_survives_a_checkpoint():
 
 def test_new_hyperparameters_are_validated():
     layer = LowRankLinear(24, 20, rank=4)
-    for kw in (dict(probes=-1), dict(refresh=0), dict(probes=1.5), dict(refresh=True)):
+    for kw in (dict(spare=-1), dict(refresh=0), dict(spare=1.5), dict(refresh=True)):
         with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
             DLRT(layer.parameters(), **kw)
     assert make_rule("adamw").square_keys == ("exp_avg_sq", "bias_mass")

@@ -7,7 +7,7 @@
 //                                                                         [bmm + Backend::masked_cholqr]
 //   2. Ŝ = [[S - lr·D_S, -lr·D_Lᵀ Q_V], [-lr·Q_Uᵀ D_K, 0]]                  [bmm]
 //   3. Ŝ = P Σ Qᵀ (one-sided Jacobi, or LAPACK on CPU) [Backend::svd, run with τ = 0: its rank is the
-//      numerical rank clamped to [min_rank, max_rank]]; rank k = the τ-rank + probes within that
+//      numerical rank clamped to [min_rank, max_rank]]; rank k = the τ-rank + spare within that
 //      (lrtrain.rank.tolerance_rank), on the device [ATen]; P, Q, σ zeroed beyond k
 //   4. U_raw = [U, Q_U] P_k, CholeskyQR: U_new = U_raw R_u⁻¹ (V likewise), S_new = R_u Σ_k R_vᵀ
 //                                                                         [bmm + Backend::reorth]
@@ -93,13 +93,13 @@ Tensor orth_complement_batched(const Tensor& U, const Tensor& X0, int64_t width,
   return Q.gather(2, order.unsqueeze(1).expand({L, Q.size(1), width}));
 }
 
-// The rank rule of lrtrain.rank.tolerance_rank with probes, on the device: sig (L, kk) descending with zeros
+// The rank rule of lrtrain.rank.tolerance_rank with spare, on the device: sig (L, kk) descending with zeros
 // beyond each layer's kernel rank kr (the numerical rank clamped to [min(min_rank, hi), hi]); returns
-// k = max(min(by_tol + probes, kr), min(min_rank, kr)) as (L) int, by_tol = #{j : Σ_{i≥j} σ_i² > τ²‖σ‖²}.
-inline Tensor probed_rank(const Tensor& sig, const Tensor& kr, double tau, int64_t min_rank, int64_t probes) {
+// k = max(min(by_tol + spare, kr), min(min_rank, kr)) as (L) int, by_tol = #{j : Σ_{i≥j} σ_i² > τ²‖σ‖²}.
+inline Tensor spare_rank(const Tensor& sig, const Tensor& kr, double tau, int64_t min_rank, int64_t spare) {
   Tensor s2 = sig.to(at::kDouble).square();
   Tensor tail = s2.flip(-1).cumsum(-1).flip(-1);
-  Tensor by_tol = tail.gt(tail.narrow(1, 0, 1) * (tau * tau)).sum(-1).add(probes);
+  Tensor by_tol = tail.gt(tail.narrow(1, 0, 1) * (tau * tau)).sum(-1).add(spare);
   Tensor k = at::minimum(by_tol, kr.to(at::kLong));
   return at::maximum(k, at::clamp_max(kr.to(at::kLong), min_rank)).to(at::kInt);
 }
@@ -179,7 +179,7 @@ GroupTensors fused_update_group(const std::vector<Tensor>& Us, const std::vector
                                 const std::vector<Tensor>& GLs, const std::vector<Tensor>& DKs,
                                 const std::vector<Tensor>& DLs, const std::vector<Tensor>& DSs,
                                 const std::vector<int64_t>& max_ranks, int64_t augment, double lr, double tau,
-                                int64_t min_rank, int64_t probes, int64_t max_sweeps, int svd_method, void* stream) {
+                                int64_t min_rank, int64_t spare, int64_t max_sweeps, int svd_method, void* stream) {
   at::NoGradGuard no_grad;
   const int64_t L = int64_t(Us.size());
   TORCH_CHECK(L > 0 && Ss.size() == size_t(L) && Vs.size() == size_t(L) && GKs.size() == size_t(L) &&
@@ -221,7 +221,7 @@ GroupTensors fused_update_group(const std::vector<Tensor>& Us, const std::vector
   Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), /*tau=*/0.0,
                            int(min_rank), int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(),
                            kr.data_ptr<int>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
-  Tensor rank = probed_rank(sig, kr, tau, min_rank, probes);
+  Tensor rank = spare_rank(sig, kr, tau, min_rank, spare);
   {
     Tensor live = at::arange(kk, opts.dtype(at::kInt)).unsqueeze(0).lt(rank.unsqueeze(1)).to(sig.scalar_type());
     sig.mul_(live);

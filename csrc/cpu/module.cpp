@@ -30,10 +30,10 @@ GroupResult update_group_t(const std::vector<Tensor>& U, const std::vector<Tenso
                            const std::vector<Tensor>& GK, const std::vector<Tensor>& GL, const std::vector<Tensor>& DK,
                            const std::vector<Tensor>& DL, const std::vector<Tensor>& DS,
                            const std::vector<int64_t>& max_rank, int64_t augment, double lr, double tau,
-                           int64_t min_rank, int64_t probes, int64_t max_sweeps, bool batched, int svd) {
+                           int64_t min_rank, int64_t spare, int64_t max_sweeps, bool batched, int svd) {
   if (batched) {  // the CUDA path's schedule: every step batched over the L layers (same m, n, r)
     GroupTensors g = lrtrain::fused_update_group<Backend, T>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau,
-                                                             min_rank, probes, max_sweeps, svd, nullptr);
+                                                             min_rank, spare, max_sweeps, svd, nullptr);
     return {g.layers(), g.rank, g.status};
   }
   // Default CPU schedule: OpenMP over layers, each thread runs the whole sequence for its layer (L = 1:
@@ -55,7 +55,7 @@ GroupResult update_group_t(const std::vector<Tensor>& U, const std::vector<Tenso
     try {
       GroupTensors g = lrtrain::fused_update_group<Backend, T>({U[l]}, {S[l]}, {V[l]}, {GK[l]}, {GL[l]}, {DK[l]},
                                                                {DL[l]}, {DS[l]}, {max_rank[l]}, augment, lr, tau,
-                                                               min_rank, probes, max_sweeps, svd, nullptr);
+                                                               min_rank, spare, max_sweeps, svd, nullptr);
       outs[l] = g.layers()[0];
       rk[l] = g.rank.data_ptr<int>()[0];
       st[l] = g.status.data_ptr<int>()[0];
@@ -73,19 +73,19 @@ GroupResult dispatch_backend(bool host_ranks, const std::vector<Tensor>& U, cons
                              const std::vector<Tensor>& V, const std::vector<Tensor>& GK, const std::vector<Tensor>& GL,
                              const std::vector<Tensor>& DK, const std::vector<Tensor>& DL,
                              const std::vector<Tensor>& DS, const std::vector<int64_t>& max_rank, int64_t augment,
-                             double lr, double tau, int64_t min_rank, int64_t probes, int64_t max_sweeps, bool batched, int svd) {
+                             double lr, double tau, int64_t min_rank, int64_t spare, int64_t max_sweeps, bool batched, int svd) {
   if (host_ranks)
     return update_group_t<CpuBackend, T>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank,
-                                         probes, max_sweeps, batched, svd);
+                                         spare, max_sweeps, batched, svd);
   return update_group_t<CpuDeviceRanksBackend, T>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank,
-                                                  probes, max_sweeps, batched, svd);
+                                                  spare, max_sweeps, batched, svd);
 }
 
 GroupResult update_group(const std::vector<Tensor>& U, const std::vector<Tensor>& S, const std::vector<Tensor>& V,
                          const std::vector<Tensor>& GK, const std::vector<Tensor>& GL, const std::vector<Tensor>& DK,
                          const std::vector<Tensor>& DL, const std::vector<Tensor>& DS,
                          const std::vector<int64_t>& max_rank, int64_t augment, double lr, double tau,
-                         int64_t min_rank, int64_t probes, int64_t max_sweeps, bool batched, const std::string& svd,
+                         int64_t min_rank, int64_t spare, int64_t max_sweeps, bool batched, const std::string& svd,
                          bool host_ranks) {
   TORCH_CHECK(!U.empty(), "update_group: no layers");
   TORCH_CHECK(U[0].device().is_cpu(), "lrtrain.ext._cpu takes CPU tensors");
@@ -93,10 +93,10 @@ GroupResult update_group(const std::vector<Tensor>& U, const std::vector<Tensor>
   const int method = svd == "jacobi" ? lrtrain::kSvdJacobi : lrtrain::kSvdLapack;
   if (U[0].scalar_type() == at::kFloat)
     return dispatch_backend<float>(host_ranks, U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank,
-                                   probes, max_sweeps, batched, method);
+                                   spare, max_sweeps, batched, method);
   TORCH_CHECK(U[0].scalar_type() == at::kDouble, "lrtrain.ext._cpu supports float32 and float64");
   return dispatch_backend<double>(host_ranks, U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank,
-                                  probes, max_sweeps, batched, method);
+                                  spare, max_sweeps, batched, method);
 }
 
 // A (L,p,q) → [P (L,p,kk), sigma (L,kk), Q (L,q,kk), rank (L), status (L)]; columns ≥ rank are zero.
@@ -118,7 +118,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "host_ranks=False: the device-side rank branch (padded widths from max_rank) that the CUDA backend runs",
         py::arg("U"), py::arg("S"), py::arg("V"), py::arg("G_K"), py::arg("G_L"), py::arg("D_K"), py::arg("D_L"),
         py::arg("D_S"), py::arg("max_rank"), py::arg("augment"), py::arg("lr"), py::arg("tau"), py::arg("min_rank"),
-        py::arg("probes"), py::arg("max_sweeps"), py::arg("batched") = false, py::arg("svd") = "lapack", py::arg("host_ranks") = true);
+        py::arg("spare"), py::arg("max_sweeps"), py::arg("batched") = false, py::arg("svd") = "lapack", py::arg("host_ranks") = true);
   m.def("jacobi_svd", &jacobi_svd, "Batched one-sided Jacobi SVD + rank rule: [P, sigma, Q, rank, status]",
         py::arg("A"), py::arg("tau"), py::arg("min_rank") = 1, py::arg("max_rank") = -1, py::arg("max_sweeps") = 40);
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });

@@ -21,18 +21,18 @@ GroupResult update_group(const std::vector<Tensor>& U, const std::vector<Tensor>
                          const std::vector<Tensor>& GK, const std::vector<Tensor>& GL, const std::vector<Tensor>& DK,
                          const std::vector<Tensor>& DL, const std::vector<Tensor>& DS,
                          const std::vector<int64_t>& max_rank, int64_t augment, double lr, double tau,
-                         int64_t min_rank, int64_t probes, int64_t max_sweeps, int64_t stream) {
+                         int64_t min_rank, int64_t spare, int64_t max_sweeps, int64_t stream) {
   TORCH_CHECK(!U.empty(), "update_group: no layers");
   TORCH_CHECK(U[0].is_cuda(), "lrtrain.ext._cuda takes CUDA tensors");
   void* s = reinterpret_cast<void*>(stream);
   lrtrain::GroupTensors g;
   if (U[0].scalar_type() == at::kFloat) {
     g = lrtrain::fused_update_group<CudaBackend, float>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau,
-                                                        min_rank, probes, max_sweeps, lrtrain::kSvdJacobi, s);
+                                                        min_rank, spare, max_sweeps, lrtrain::kSvdJacobi, s);
   } else {
     TORCH_CHECK(U[0].scalar_type() == at::kDouble, "lrtrain.ext._cuda supports float32 and float64");
     g = lrtrain::fused_update_group<CudaBackend, double>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau,
-                                                         min_rank, probes, max_sweeps, lrtrain::kSvdJacobi, s);
+                                                         min_rank, spare, max_sweeps, lrtrain::kSvdJacobi, s);
   }
   return {g.layers(), g.rank, g.status};
 }
@@ -57,7 +57,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "layer padded to a width >= its rank, rank (L) int32, status (L) int32), all on the device",
         py::arg("U"), py::arg("S"), py::arg("V"), py::arg("G_K"), py::arg("G_L"), py::arg("D_K"), py::arg("D_L"),
         py::arg("D_S"), py::arg("max_rank"), py::arg("augment"), py::arg("lr"), py::arg("tau"), py::arg("min_rank"),
-        py::arg("probes"), py::arg("max_sweeps"), py::arg("stream"));
+        py::arg("spare"), py::arg("max_sweeps"), py::arg("stream"));
   m.def("jacobi_svd", &jacobi_svd, "Batched one-block Jacobi SVD + rank rule: [P, sigma, Q, rank, status]",
         py::arg("A"), py::arg("tau"), py::arg("min_rank"), py::arg("max_rank"), py::arg("max_sweeps"),
         py::arg("stream"));

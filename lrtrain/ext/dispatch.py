@@ -1,7 +1,7 @@
 """``update_layers``: the DLRT layer update of a param group on the fused backends.
 
 Same contract as :func:`lrtrain.optim.step.reference_update_layers` (that function is the spec):
-items are grouped by (backend, m, n, dtype, device, raw augment setting, probes) -- plus the rank r where the
+items are grouped by (backend, m, n, dtype, device, raw augment setting, spare) -- plus the rank r where the
 backend stacks the layers (CUDA, the CPU's batched schedule); the default CPU schedule runs each layer on
 its own thread, so layers of any r fuse -- and each group is one call into the compiled module, which
 runs project → orthonormalize → assemble → SVD → rank choice → rotate for all of its layers with the
@@ -83,9 +83,9 @@ def _batched(name: str, options: dict) -> bool:
 
 
 def _group_key(name: str, item: LayerStep, batched: bool) -> tuple:
-    """Layers of one key go into one call: same (m, n), dtype, device, raw augment setting and probes; the rank r
+    """Layers of one key go into one call: same (m, n), dtype, device, raw augment setting and spare; the rank r
     joins the key only where the call stacks the layers (CPU layers of any r fuse)."""
-    key = (name, item.U.shape[0], item.V.shape[0], item.U.dtype, item.U.device, _augment(item), int(item.probes))
+    key = (name, item.U.shape[0], item.V.shape[0], item.U.dtype, item.U.device, _augment(item), int(item.spare))
     return key + (item.U.shape[1],) if batched else key
 
 
@@ -101,7 +101,7 @@ def launch_group(name: str, group: list[LayerStep], lr: float, tau: float, min_r
         raise ValueError(f"backend {name!r} is not active here ({available()})")
     args = [[getattr(it, f) for it in group] for f in ("U", "S_decayed", "V", "G_K", "G_L", "D_K", "D_L", "D_S")]
     rest = ([int(it.max_rank) for it in group], _augment(group[0]), float(lr), float(tau), int(min_rank),
-            int(group[0].probes), MAX_SWEEPS)
+            int(group[0].spare), MAX_SWEEPS)
     if name == "cuda":
         dev = group[0].U.device
         with torch.cuda.device(dev):

@@ -4,7 +4,7 @@ Each step, for every factorized layer in the parameter list (found through the l
 :mod:`.params`), the base rule (SGD or AdamW, :mod:`.base`) gives directions D_K, D_L, D_S in the
 coordinates K = U S, L = V Sᵀ and S at the layer's active rank r. Every ``refresh``-th step of a layer
 is a *basis update* (:mod:`.step`): it augments the bases with the directions the optimizer steps,
-projects the step onto them, truncates by the τ rule (plus ``probes`` directions of room to grow) to a
+projects the step onto them, truncates by the τ rule (plus ``spare`` directions of room to grow) to a
 new rank k ≤ max_rank ≤ capacity, and rotates the optimizer state. The steps in between are
 *fixed-basis* steps: S ← decay(S) - lr·D_S with U and V unchanged, while D_K and D_L are summed
 (``deferred``) and enter the next basis update as its K- and L-steps (at that step's learning rate):
@@ -57,8 +57,8 @@ class DLRT(Optimizer):
         weight_decay: λ >= 0. On factorized layers it acts on S only (‖W‖_F = ‖S‖_F).
         tau: relative truncation tolerance τ >= 0 (see :mod:`lrtrain.rank.truncation`).
         min_rank: smallest rank a layer may truncate to (>= 1).
-        probes: singular directions kept beyond the τ-rank at each basis update (>= 0; default 1): the
-            rank's room to grow (see :mod:`.step`). A layer's rank is its τ-rank + probes, at most max_rank.
+        spare: singular directions kept beyond the τ-rank at each basis update (>= 0; default 1): the
+            rank's room to grow (see :mod:`.step`). A layer's rank is its τ-rank + spare, at most max_rank.
         refresh: basis update interval in steps (>= 1): 1 updates every layer's bases at every step;
             k > 1 takes k - 1 fixed-basis steps (S only, the K/L steps deferred) in between.
         nonfinite: ``"skip"`` (warn, count in ``skipped_steps``, leave that layer untouched) or
@@ -74,7 +74,7 @@ class DLRT(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, base: str = "adamw", momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1, probes: int = 1,
+                 weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1, spare: int = 1,
                  refresh: int = DEFAULT_REFRESH, nonfinite: str = "skip", guide=None, backend: str = "auto"):
         if not isinstance(nonfinite, str) or nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
@@ -86,7 +86,7 @@ class DLRT(Optimizer):
         self.guide = guide
         self.skipped_steps = 0
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                        betas=betas, eps=eps, weight_decay=weight_decay, tau=tau, min_rank=min_rank, probes=probes,
+                        betas=betas, eps=eps, weight_decay=weight_decay, tau=tau, min_rank=min_rank, spare=spare,
                         refresh=refresh)
         _validate_group(defaults)  # every argument checked before torch sees the params
         super().__init__(params, defaults)
@@ -334,7 +334,7 @@ class DLRT(Optimizer):
                 fixed.append(_FixedBasisStep(S_step - lr * D_S, D_K, D_L))
                 continue
             item = LayerStep(sU.value[:, :r], S_step, sV.value[:, :r], D_K, D_L, D_K, D_L, D_S, l.max_rank,
-                             probes=group["probes"])
+                             spare=group["spare"])
             if self.guide is not None:
                 self.guide.adjust(l, item, group)
             where.append(("update", len(items)))
@@ -538,7 +538,7 @@ def _validate_group(g: dict) -> None:
     """Check every hyperparameter of a param group (the constructor's arguments); errors name the argument
     and its allowed range. Normalizes ``betas`` to a tuple of two floats."""
     for key in ("lr", "base", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "tau", "min_rank",
-                "probes", "refresh"):
+                "spare", "refresh"):
         if key not in g:
             raise ValueError(f"param group lacks {key!r}")
     if not isinstance(g["base"], str):
@@ -553,7 +553,7 @@ def _validate_group(g: dict) -> None:
     if g["nesterov"] and (mu <= 0 or damp != 0):
         raise ValueError(f"nesterov=True requires momentum > 0 and dampening = 0, got momentum={g['momentum']!r}, "
                          f"dampening={g['dampening']!r}")
-    for key, lo in (("min_rank", 1), ("probes", 0), ("refresh", 1)):
+    for key, lo in (("min_rank", 1), ("spare", 0), ("refresh", 1)):
         v = g[key]
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{key} must be an int >= {lo}, got {v!r} ({type(v).__name__})")

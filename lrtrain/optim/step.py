@@ -16,13 +16,13 @@ For one layer with W = U S Vᵀ (U: m×r, V: n×r, S: r×r) and the base optimiz
         Ŝ = [[ decay(S) - lr·D_S ,  -lr·D_Lᵀ Q_V ],
              [ -lr·Q_Uᵀ D_K      ,  0            ]]
 
-3. Truncate: Ŝ = P Σ Qᵀ, r' = :func:`lrtrain.rank.tolerance_rank` (σ, τ, min_rank, max_rank, probes): the
-   τ-rank plus ``probes`` further singular directions (kept with their singular values, so W loses
-   less than the τ rule allows). The probes are the rank's room to grow: at a fixed-rank stationary
-   point the coupling blocks vanish and the normal block (I - UUᵀ) G (I - VVᵀ) never enters Ŝ, but a
-   probe column v_p of V makes the next step's G_K = G_W V contain G_W v_p, whose normal part is the
-   normal block applied to v_p (one step of subspace iteration on it); a probe whose singular value
-   grows past the τ rule joins the τ-rank and a new probe is taken.
+3. Truncate: Ŝ = P Σ Qᵀ, r' = :func:`lrtrain.rank.tolerance_rank` (σ, τ, min_rank, max_rank, spare): the
+   τ-rank plus ``spare`` further singular directions (kept with their singular values, so W loses
+   less than the τ rule allows). Spare directions are the rank's room to grow: at a fixed-rank
+   stationary point the coupling blocks vanish and the normal block (I - UUᵀ) G (I - VVᵀ) never enters
+   Ŝ, but a spare column v_s of V makes the next step's G_K = G_W V contain G_W v_s, whose normal part
+   is the normal block applied to v_s (one step of subspace iteration on it); a spare direction whose
+   singular value grows past the τ rule joins the τ-rank and the next best direction becomes spare.
    U ← Û P[:, :r'], V ← V̂ Q[:, :r'], S ← diag(σ_1..σ_r'); then one CholeskyQR pass U ← U R_u⁻¹,
    V ← V R_v⁻¹, S ← R_u S R_vᵀ (W unchanged) so that rounding never accumulates in the bases.
 4. Transport optimizer state to the new bases with R_U = P[:r, :r'] = Uᵀ U_new, R_V = Q[:r, :r']:
@@ -59,7 +59,7 @@ class LayerStep:
     D_S: torch.Tensor
     max_rank: int
     augment: int | None = None  # at most this many new columns per side (None: r); set by a rank guide
-    probes: int = 0  # singular directions kept beyond the τ-rank (see the module docstring, step 3)
+    spare: int = 0  # singular directions kept beyond the τ-rank (see the module docstring, step 3)
 
 
 @dataclass
@@ -93,7 +93,7 @@ def reference_update(item: LayerStep, lr: float, tau: float, min_rank: int) -> L
     r = U.shape[1]
     Q_U, Q_V, S_hat = augmented_core(item, lr)
     P, sigma, Q = robust_svd(S_hat)
-    k = int(tolerance_rank(sigma, tau, min_rank, item.max_rank, item.probes))
+    k = int(tolerance_rank(sigma, tau, min_rank, item.max_rank, item.spare))
     P, sigma, Q = P[:, :k].to(U.dtype), sigma[:k].to(U.dtype), Q[:, :k].to(U.dtype)
     R_U, R_V = P[:r], Q[:r]
     U_new, Ru = reorthonormalize(U @ R_U + Q_U @ P[r:])
