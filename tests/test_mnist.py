@@ -22,7 +22,7 @@ def test_mlp_on_mnist_matches_dense_with_80_percent_fewer_hidden_parameters(mnis
 
     torch.manual_seed(0)
     model = lrtrain.lowrank(mlp(784, [512, 512, 512], 10), rank=64)
-    opt = lrtrain.DLRT(model.parameters(), lr=1e-3, weight_decay=5e-4, tau=0.12)
+    opt = lrtrain.DLRT(model.parameters(), lr=1e-3, weight_decay=5e-4, tau=0.2)
     hist = fit(model, opt, mnist, epochs=5)
     acc = evaluate(model, mnist.test_x, mnist.test_y)
     print(f"dense {acc_dense:.2f}%  lrtrain {acc:.2f}%  ranks {hist.ranks[-1]}  "
