@@ -1,16 +1,29 @@
-"""Model conversion: ``lowrank`` swaps nn.Linear / nn.Conv2d for factorized layers, ``densify`` undoes it."""
+"""Model conversion: ``lowrank`` swaps nn.Linear / nn.Conv2d (and Hugging Face's ``Conv1D``) for factorized
+layers, ``densify`` undoes it.
+
+transformers is never imported here at import time: a ``transformers.pytorch_utils.Conv1D`` is recognized
+through ``sys.modules`` (a model holding one has imported that module already).
+"""
 from __future__ import annotations
 
 import copy
 import fnmatch
+import sys
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .layers import LowRankConv2d, LowRankLinear
-from .layers.factors import FactorizedMixin, _check_bool, _check_int, _check_tau
+from .layers.factors import FactorizedMixin, _check_bool, _check_int, _check_tau, truncated_svd_factors
 
-__all__ = ["lowrank", "densify", "summary", "Summary", "active_parameters"]
+# Instance attribute of a LowRankLinear converted from a transformers Conv1D: densify (and
+# lrtrain.save_pretrained) turn it back into a Conv1D, whose weight is stored transposed (in, out).
+ORIGIN_ATTR = "_lrtrain_origin"
+CONV1D = "conv1d"
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+__all__ = ["lowrank", "densify", "summary", "Summary", "active_parameters", "is_conv1d"]
 
 
 @dataclass
@@ -33,7 +46,43 @@ class Summary:
 
 
 def _count(model: nn.Module) -> int:
+    """Parameters of ``model``, each shared parameter counted once (as ``model.parameters()`` yields it)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def conv1d_class():
+    """``transformers.pytorch_utils.Conv1D`` if transformers has been imported, else None (never imports it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def is_conv1d(module) -> bool:
+    """True for a Hugging Face ``Conv1D`` (GPT-2's Linear with its weight stored as (in, out): y = x W + b)."""
+    cls = conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def _aliases(model: nn.Module) -> dict:
+    """id(tensor) -> every qualified name of that parameter / buffer in ``model`` (shared ones have several)."""
+    names: dict = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(n)
+    return names
+
+
+def _tied_to(name: str, module: nn.Module, aliases: dict) -> str | None:
+    """Another name of one of ``module``'s own parameters (a weight tied elsewhere), or None if none is shared."""
+    for pname, p in module.named_parameters(recurse=False):
+        own = f"{name}.{pname}" if name else pname
+        others = [n for n in aliases.get(id(p), []) if n != own]
+        if others:
+            return others[0]
+    return None
+
+
+def _matrices(module: nn.Module) -> list:
+    """Names of ``module``'s own parameters with two or more dimensions (weight matrices, kernels)."""
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
 
 
 def _check_module(model) -> None:
@@ -69,7 +118,8 @@ def _patterns(name: str, value):
 def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None, include=None, exclude=None,
             min_features: int = 16, max_rank: int | None = None, capacity: int | None = None,
             inplace: bool = True, verbose: bool = False) -> nn.Module:
-    """Replace the nn.Linear and nn.Conv2d layers of ``model`` by LowRankLinear / LowRankConv2d.
+    """Replace the nn.Linear, nn.Conv2d and transformers ``Conv1D`` layers of ``model`` by LowRankLinear /
+    LowRankConv2d (a Conv1D, y = x W + b with W stored (in, out), becomes a LowRankLinear of Wᵀ).
 
     Each layer is initialized from the truncated SVD of its weight (``from_dense``): rank
     ``min(rank, min(out, in))``, or chosen by the tolerance ``tau``, or the smaller of both; never above
@@ -78,9 +128,12 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
     qualified module names (``"encoder.*.fc1"``); ``include`` keeps only the layers some pattern matches.
     Left dense: layers with min(out, in) < ``min_features``, layers where the factorization would not
     save parameters (r(out + in) + r² ≥ out·in), grouped / non-zero-padded / 'same'-padded convolutions,
-    and the out_proj of nn.MultiheadAttention (which reads its weight directly). Capacity (allocated width
-    of U, V) per layer: ``capacity`` if given, else ``max_rank`` if given, else min(2·rank, min(out, in)),
-    each at most min(out, in); ``max_rank`` defaults to the capacity.
+    the out_proj of nn.MultiheadAttention (which reads its weight directly), and layers whose weight or bias
+    is tied to (is the same parameter as) another module's, e.g. GPT-2's ``lm_head`` tied to the token
+    embedding: reported as "tied to <name>" (converting would silently untie them). Every other module
+    with a weight matrix (embeddings, unknown layer types) is kept and listed in the report too.
+    Capacity (allocated width of U, V) per layer: ``capacity`` if given, else ``max_rank`` if given, else
+    min(2·rank, min(out, in)), each at most min(out, in); ``max_rank`` defaults to the capacity.
 
     Arguments are checked before anything changes: ``rank`` an int >= 1; ``tau`` a real number >= 0 (one of
     the two required); ``max_rank``, ``capacity`` ints >= rank (>= 1 with ``tau`` alone), ``max_rank`` <=
@@ -89,8 +142,8 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
     Returns the model (a converted copy if ``inplace=False``), with ``model.lrtrain_summary`` (a
     :class:`Summary` of this call); ``verbose`` prints it. Layers that are already factorized are listed
     in ``skipped`` as "already factorized": a second call on a converted model changes nothing and its
-    summary reports 0 layers factorized. When ``model`` itself is an nn.Linear / nn.Conv2d, the converted
-    layer is returned (the argument is never modified in that case: use the return value).
+    summary reports 0 layers factorized. When ``model`` itself is an nn.Linear / nn.Conv2d / Conv1D, the
+    converted layer is returned (the argument is never modified in that case: use the return value).
     """
     _check_module(model)
     if rank is None and tau is None:
@@ -113,16 +166,30 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
         model = copy.deepcopy(model)
     report = Summary(params_before=summary(model).params_before)
     args = (rank, tau, max_rank, capacity, min_features)
+    aliases = _aliases(model)
+    seen: dict = {}  # id -> module (kept alive, so an id is never reused while converting)
 
     def visit(name, child, parent):
         """The converted layer, or None (reason recorded) when ``child`` stays as it is."""
+        if id(child) in seen:  # a module registered under two parents: reported (and left) once
+            return None
+        seen[id(child)] = child
         if isinstance(child, FactorizedMixin):
             report.skipped.append((name, "already factorized"))
             return None
-        if not isinstance(child, (nn.Linear, nn.Conv2d)):
+        if not isinstance(child, (nn.Linear, nn.Conv2d)) and not is_conv1d(child):
+            mats = _matrices(child)
+            if mats:
+                kind = "embedding (a lookup table)" if isinstance(child, _EMBEDDINGS) else \
+                    f"module type {type(child).__name__} is not converted"
+                report.skipped.append((name, f"{kind}: {', '.join(mats)} stay{'s' if len(mats) == 1 else ''} dense"))
             return None
         if include is not None and not _matches(name, include) or exclude is not None and _matches(name, exclude):
             report.skipped.append((name, "excluded by include/exclude"))
+            return None
+        tied = _tied_to(name, child, aliases)
+        if tied is not None:  # converting would untie it (a copy of the shared weight): leave it dense
+            report.skipped.append((name, f"tied to {tied}"))
             return None
         new, why = _convert(child, parent, *args)
         if new is None:
@@ -131,11 +198,14 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
             report.layers.append((name, f"{new.U.shape[0]} x {new.V.shape[0]}", new.rank, new.capacity))
         return new
 
-    if isinstance(model, (nn.Linear, nn.Conv2d, FactorizedMixin)):  # the model is a single layer
+    if isinstance(model, (nn.Linear, nn.Conv2d, FactorizedMixin)) or is_conv1d(model):  # a single layer
         new = visit("", model, None)
         if new is not None:
             model = new
     else:
+        own = _matrices(model)
+        if own:
+            report.skipped.append(("", f"parameters of the model itself ({', '.join(own)}) are not converted"))
         for parent_name, parent in list(model.named_modules()):
             for child_name, child in list(parent.named_children()):
                 new = visit(f"{parent_name}.{child_name}" if parent_name else child_name, child, parent)
@@ -149,13 +219,16 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
 
 
 def _convert(child, parent, rank, tau, max_rank, capacity, min_features):
-    """(new layer, None) or (None, why it stays dense) for an nn.Linear / nn.Conv2d ``child``."""
+    """(new layer, None) or (None, why it stays dense) for an nn.Linear / nn.Conv2d / Conv1D ``child``."""
     if isinstance(parent, nn.MultiheadAttention):
         return None, "used by nn.MultiheadAttention"
     if isinstance(child, nn.Conv2d) and (child.groups != 1 or child.padding_mode != "zeros" or isinstance(child.padding, str)):
         return None, "grouped / non-zero-padded / string-padded conv"
     w = child.weight
-    out_f, in_f = w.shape[0], w[0].numel()
+    conv1d = is_conv1d(child)
+    if w.dim() != (2 if conv1d or isinstance(child, nn.Linear) else 4):
+        return None, f"unexpected weight shape {tuple(w.shape)}"
+    out_f, in_f = (w.shape[1], w.shape[0]) if conv1d else (w.shape[0], w[0].numel())
     full = min(out_f, in_f)
     if full < min_features:
         return None, f"min(out, in) = {full} < min_features = {min_features}"
@@ -165,23 +238,67 @@ def _convert(child, parent, rank, tau, max_rank, capacity, min_features):
         return None, f"rank {r} would not save parameters"
     cap = None if capacity is None else min(capacity, full)
     mr = None if max_rank is None else min(max_rank, full)
-    cls = LowRankLinear if isinstance(child, nn.Linear) else LowRankConv2d
-    new = cls.from_dense(child, rank=r, tau=tau, max_rank=mr, capacity=cap)
+    if conv1d:
+        new = _from_conv1d(child, rank=r, tau=tau, max_rank=mr, capacity=cap)
+    else:
+        cls = LowRankLinear if isinstance(child, nn.Linear) else LowRankConv2d
+        new = cls.from_dense(child, rank=r, tau=tau, max_rank=mr, capacity=cap)
     if new.rank * (out_f + in_f) + new.rank ** 2 >= out_f * in_f:
         return None, f"rank {new.rank}{' (from tau)' if tau is not None else ''} would not save parameters"
     return new, None
 
 
+def _from_conv1d(layer: nn.Module, rank: int | None, tau: float | None, max_rank: int | None,
+                 capacity: int | None) -> LowRankLinear:
+    """A LowRankLinear from the truncated SVD of a Conv1D's transposed weight (see LowRankLinear.from_dense)."""
+    w = layer.weight  # (in, out): y = x W + b
+    U, S, V = truncated_svd_factors(w.detach().mT, rank, tau)
+    new = LowRankLinear(w.shape[0], w.shape[1], S.shape[0], max_rank=max_rank, bias=layer.bias is not None,
+                        device=w.device, dtype=w.dtype, capacity=capacity)
+    with torch.no_grad():
+        new.write_factors(U, S, V)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    setattr(new, ORIGIN_ATTR, CONV1D)
+    return new
+
+
+def _to_conv1d(layer: LowRankLinear) -> nn.Module:
+    """The transformers Conv1D computing the same function as ``layer`` (its weight is U S Vᵀ transposed)."""
+    from transformers.pytorch_utils import Conv1D  # only reached for layers converted from a Conv1D
+
+    w = layer.U
+    dense = Conv1D(layer.out_features, layer.in_features).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight().mT)
+        if layer.bias is None:
+            dense.bias = None
+        else:
+            dense.bias.copy_(layer.bias)
+    return dense
+
+
+def to_dense_layer(layer: FactorizedMixin) -> nn.Module:
+    """The dense layer a factorized one came from: nn.Linear, nn.Conv2d, or a Conv1D for Conv1D-origin layers."""
+    return _to_conv1d(layer) if getattr(layer, ORIGIN_ATTR, None) == CONV1D else layer.to_dense()
+
+
 def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
-    """Replace every factorized layer of ``model`` by the equivalent dense nn.Linear / nn.Conv2d."""
+    """Replace every factorized layer of ``model`` by the equivalent dense nn.Linear / nn.Conv2d (a transformers
+    Conv1D for layers converted from one). A layer registered under several parents stays one shared module."""
     _check_module(model)
     _check_bool("inplace", inplace)
     if not inplace:
         model = copy.deepcopy(model)
+    if isinstance(model, FactorizedMixin):
+        return to_dense_layer(model)
+    done: dict = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, FactorizedMixin):
-                setattr(parent, child_name, child.to_dense())
+                if id(child) not in done:
+                    done[id(child)] = (child, to_dense_layer(child))  # keep child alive: ids stay unique
+                setattr(parent, child_name, done[id(child)][1])
     return model
 
 
