@@ -267,3 +267,20 @@ def test_new_hyperparameters_are_validated():
         with pytest.raises((ValueError, TypeError), match=next(iter(kw))):
             DLRT(layer.parameters(), **kw)
     assert make_rule("adamw").square_keys == ("exp_avg_sq", "bias_mass")
+
+
+@pytest.mark.parametrize("refresh", [1, 3])
+def test_a_refused_first_step_leaves_no_state(refresh):
+    """Bias masses and deferred sums are stored with the step, not before it: a refused step adds nothing."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(24, 20, rank=4, capacity=12)
+    opt = DLRT(layer.parameters(), lr=1e-2, refresh=refresh, nonfinite="raise")
+    layer(torch.randn(8, 24)).square().sum().backward()
+    layer.S.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert len(opt.state) == 0
+    layer.S.grad[0, 0] = 0.0
+    opt.step()
+    assert opt.state[layer.S]["bias_mass"].shape == (2, 12, 12) and opt.state[layer.U]["bias_mass"].shape == (2, 12)
+    assert ("deferred" in opt.state[layer.U]) == (refresh > 1)

@@ -312,13 +312,15 @@ class DLRT(Optimizer):
         for l in layers:
             r = l.rank
             sU, sS, sV = (Slot(getattr(l, role), self.state[getattr(l, role)], full=True) for role in "USV")
-            if "exp_avg" in rule.linear_keys:
-                for s, two in ((sU, False), (sV, False), (sS, True)):
-                    _init_mass(s.state, s.value, two, group, r)
             slots.append((sU, sS, sV, r))
             grads += [sU.grad[:, :r], sV.grad[:, :r], sS.grad[:r, :r]]
             decay += [None, None, sS.value[:r, :r]]
-            states += [_active_state(s.state, keys, r, two) for s, two in ((sU, False), (sV, False), (sS, True))]
+            for s, two in ((sU, False), (sV, False), (sS, True)):
+                st = _active_state(s.state, keys, r, two)
+                if "bias_mass" in rule.square_keys:  # stored by _apply_group, with the moments
+                    s.mass = _mass(s.state, s.value, two, group, r)
+                    st["bias_mass"] = _active(s.mass, r, two)
+                states.append(st)
         dirs, new_states = rule.directions(grads, decay, states, group) if layers else ([], [])
 
         refresh = group["refresh"]
@@ -326,9 +328,9 @@ class DLRT(Optimizer):
         for j, (l, (sU, sS, sV, r)) in enumerate(zip(layers, slots)):
             D_K, D_L, D_S = dirs[3 * j: 3 * j + 3]
             S_step = rule.decayed(sS.value[:r, :r], group)
-            if refresh > 1:  # add the deferred K/L steps of the fixed-basis steps since the last basis update
-                D_K = D_K + _buffer(sU.state, "deferred", sU.value)[:, :r]
-                D_L = D_L + _buffer(sV.state, "deferred", sV.value)[:, :r]
+            if "deferred" in sU.state:  # add the K/L steps deferred by the fixed-basis steps since the last update
+                D_K = D_K + sU.state["deferred"][:, :r]
+                D_L = D_L + sV.state["deferred"][:, :r]
             if sS.state.get("basis_age", 0) + 1 < refresh:
                 where.append(("fixed", len(fixed)))
                 fixed.append(_FixedBasisStep(S_step - lr * D_S, D_K, D_L))
@@ -355,6 +357,9 @@ class DLRT(Optimizer):
                 self.skipped_steps += 1
                 continue
             new = dict(zip("VS", pend["new_states"][3 * j + 1: 3 * j + 3]), U=pend["new_states"][3 * j])
+            for s in (sU, sS, sV):
+                if s.mass is not None:
+                    s.state.setdefault("bias_mass", s.mass)
             if isinstance(res, _FixedBasisStep):  # S and the moments in place, the K/L steps deferred
                 _active(sS.value, r, True).copy_(res.S)
                 sS.commit()
@@ -364,8 +369,8 @@ class DLRT(Optimizer):
                             s.state["step"] = v
                         else:
                             _active(_buffer(s.state, key, s.value), r, two).copy_(v)
-                sU.state["deferred"][:, :r].copy_(res.X_K)
-                sV.state["deferred"][:, :r].copy_(res.X_L)
+                _buffer(sU.state, "deferred", sU.value)[:, :r].copy_(res.X_K)
+                _buffer(sV.state, "deferred", sV.value)[:, :r].copy_(res.X_L)
                 sS.state["basis_age"] = sS.state.get("basis_age", 0) + 1
                 continue
             k = res.S.shape[0]
@@ -411,12 +416,12 @@ class _FixedBasisStep:
     X_L: torch.Tensor
 
 
-def _init_mass(state: dict, like: torch.Tensor, two_sided: bool, group: dict, r: int) -> None:
-    """Allocate a factor's Adam ``bias_mass`` (see :mod:`.base`) at full capacity: (2, c), or (2, c, c) for S.
-    A state that has a step count but no masses (a checkpoint of an older lrtrain) starts from the plain
-    Adam weights 1 - βᵗ on its active block."""
+def _mass(state: dict, like: torch.Tensor, two_sided: bool, group: dict, r: int) -> torch.Tensor:
+    """A factor's Adam ``bias_mass`` (see :mod:`.base`) at full capacity, (2, c) or (2, c, c) for S: the
+    state's, or a new one (not stored here). A state that has a step count but no masses (a checkpoint of an
+    older lrtrain) starts from the plain Adam weights 1 - βᵗ on its active block."""
     if "bias_mass" in state:
-        return
+        return state["bias_mass"]
     c = like.shape[-1]
     w = like.new_zeros((2, c, c) if two_sided else (2, c))
     t = int(state.get("step", 0))
@@ -424,7 +429,7 @@ def _init_mass(state: dict, like: torch.Tensor, two_sided: bool, group: dict, r:
         b1, b2 = group["betas"]
         _active(w, r, two_sided)[0] = 1.0 - b1 ** t
         _active(w, r, two_sided)[1] = 1.0 - b2 ** t
-    state["bias_mass"] = w
+    return w
 
 
 def _active_state(state: dict, keys, r: int | None, two_sided: bool = False) -> dict:

@@ -81,6 +81,7 @@ class Slot:
         g = p.grad
         g = _full(g) if self.gathered else g
         self.grad = g.float() if low else g
+        self.mass = None  # Adam bias masses of a factor (set by DLRT; stored in ``state`` when the step is applied)
 
     def commit(self) -> None:
         """Write ``value`` (updated in place by the caller) back into the parameter."""
