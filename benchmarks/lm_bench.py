@@ -100,9 +100,9 @@ class Config:
     warmup: int = 30
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak learning rate
     weight_decay: float = 0.1
-    lr: dict = field(default_factory=lambda: {"dense": 1e-3, "galore": 8e-3, "lrtrain": 4e-3})  # lm_sweep_*.md
+    lr: dict = field(default_factory=lambda: {"dense": 1e-3, "galore": 8e-3, "lrtrain": 8e-3})  # best in lm_sweep.md
     rank: int = 64  # GaLore's projection rank = lrtrain's initial rank (capacity 2 x rank)
-    tau: float = 0.2  # DLRT truncation tolerance (lm_sweep_more.md)
+    tau: float = 0.2  # DLRT truncation tolerance (best in lm_sweep.md)
     galore_gap: int = 200
     galore_scale: float = 0.25
     seed: int = 0
@@ -907,7 +907,8 @@ def main(argv=None) -> int:
     machine = dict(next(iter(runs.values()))["machine"], date=started, loadavg=load_start, loadavg_end=_loadavg())
     res = {
         "benchmark": "byte-level language model: dense AdamW vs GaLoreAdamW vs lrtrain DLRT",
-        "command": "python " + " ".join(shlex.quote(x) for x in ["benchmarks/lm_bench.py", *argv]),
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) > 0 else "")  # niceness of this process
+                   + "python " + " ".join(shlex.quote(x) for x in ["benchmarks/lm_bench.py", *argv]),
         "date": a.date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "name": name, "smoke": a.smoke, "sweep": sweep, "jobs": jobs, "machine": machine, "git": git,
         "transformers": _version("transformers"), "config": cfg_dict, "corpus": corpus,
