@@ -203,7 +203,9 @@ def guided_run(data, guided: bool, epochs: int, lr: float, lam: float, tau: floa
     torch.manual_seed(seed)
     model = lrtrain.lowrank(mlp(data.in_features, hidden, K), rank=rank)
     mon = lrtrain.CollapseMonitor(model, K, guide=lrtrain.rank.CollapseGuide(K, theta=theta, within=within)) if guided else None
-    opt = lrtrain.DLRT(model.parameters(), lr=lr, base="sgd", momentum=0.9, weight_decay=lam, tau=tau, guide=mon)
+    # refresh=1: a basis update (where the guide decides) at every step, as when this table was first measured
+    opt = lrtrain.DLRT(model.parameters(), lr=lr, base="sgd", momentum=0.9, weight_decay=lam, tau=tau, guide=mon,
+                       refresh=1)
     work = {"core_flops": 0.0}
     if guided:  # count the augmented core's SVD work, 4·p·q·min(p, q) with p = r + a
         adjust = mon.adjust

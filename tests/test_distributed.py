@@ -220,8 +220,8 @@ def _global_poison(poison, shapes):
 
 
 @pytest.mark.parametrize("hp", [dict(HP, weight_decay=0.01),
-                                dict(lr=0.03, tau=0.35, base="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3)],
-                         ids=["adamw", "sgd-nesterov"])
+                                dict(lr=0.03, tau=0.35, base="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3, refresh=3)],
+                         ids=["adamw", "sgd-nesterov-refresh3"])
 def test_fsdp2_fully_shard_matches_one_process(digits, hp):
     X, Y = _data(digits)
     steps = 20

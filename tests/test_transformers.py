@@ -225,7 +225,7 @@ def test_loaded_model_keeps_training(tf, tmp_path):
     lrtrain.save_pretrained(model, tmp_path)
     loaded = lrtrain.from_pretrained(tf.GPT2LMHeadModel, tmp_path)
     x = _batch()
-    opt = lrtrain.DLRT(loaded.parameters(), lr=1e-2)
+    opt = lrtrain.DLRT(loaded.parameters(), lr=1e-2, refresh=1)  # a basis update at this very step
     U = loaded.transformer.h[0].attn.c_attn.U.detach().clone()
     loaded.train()
     loaded(input_ids=x, labels=x).loss.backward()
