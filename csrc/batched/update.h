@@ -6,9 +6,8 @@
 //      first a_U kept columns go into the second pass, and the kept columns are moved to the front)
 //                                                                         [bmm + Backend::masked_cholqr]
 //   2. Ŝ = [[S - lr·D_S, -lr·D_Lᵀ Q_V], [-lr·Q_Uᵀ D_K, 0]]                  [bmm]
-//   3. Ŝ = P Σ Qᵀ (one-sided Jacobi, or LAPACK on CPU) [Backend::svd, run with τ = 0: its rank is the
-//      numerical rank clamped to [min_rank, max_rank]]; rank k = the τ-rank + spare within that
-//      (lrtrain.rank.tolerance_rank), on the device [ATen]; P, Q, σ zeroed beyond k
+//   3. Ŝ = P Σ Qᵀ (one-sided Jacobi, or LAPACK on CPU), rank k = the τ-rank + spare
+//      (lrtrain.rank.tolerance_rank), on the device                         [Backend::svd]
 //   4. U_raw = [U, Q_U] P_k, CholeskyQR: U_new = U_raw R_u⁻¹ (V likewise), S_new = R_u Σ_k R_vᵀ
 //                                                                         [bmm + Backend::reorth]
 // Ranks stay on the device: P_k is P with its columns ≥ k zeroed, so every tensor keeps a padded width
@@ -93,17 +92,6 @@ Tensor orth_complement_batched(const Tensor& U, const Tensor& X0, int64_t width,
   return Q.gather(2, order.unsqueeze(1).expand({L, Q.size(1), width}));
 }
 
-// The rank rule of lrtrain.rank.tolerance_rank with spare, on the device: sig (L, kk) descending with zeros
-// beyond each layer's kernel rank kr (the numerical rank clamped to [min(min_rank, hi), hi]); returns
-// k = max(min(by_tol + spare, kr), min(min_rank, kr)) as (L) int, by_tol = #{j : Σ_{i≥j} σ_i² > τ²‖σ‖²}.
-inline Tensor spare_rank(const Tensor& sig, const Tensor& kr, double tau, int64_t min_rank, int64_t spare) {
-  Tensor s2 = sig.to(at::kDouble).square();
-  Tensor tail = s2.flip(-1).cumsum(-1).flip(-1);
-  Tensor by_tol = tail.gt(tail.narrow(1, 0, 1) * (tau * tau)).sum(-1).add(spare);
-  Tensor k = at::minimum(by_tol, kr.to(at::kLong));
-  return at::maximum(k, at::clamp_max(kr.to(at::kLong), min_rank)).to(at::kInt);
-}
-
 // [U, Q_U] P = U P[:r] + Q_U P[r:] (L, rows, kw).
 inline Tensor rotate(const Tensor& U, const Tensor& QU, const Tensor& P) {
   const int64_t r = U.size(2), a = QU.size(2);
@@ -138,7 +126,7 @@ std::vector<Tensor> jacobi_svd_batched(const Tensor& A, double tau, int64_t min_
   Tensor maxr = at::full({L}, max_rank, o.dtype(at::kInt));
   const size_t stride = (jacobi_smem_bytes<T>(int(p), int(q)) + 255) / 256 * 256;
   Tensor ws = at::empty({int64_t(stride) * L}, o.dtype(at::kByte));
-  Backend::template svd<T>(kSvdJacobi, Ac.data_ptr<T>(), L, int(p), int(q), maxr.data_ptr<int>(), tau, int(min_rank),
+  Backend::template svd<T>(kSvdJacobi, Ac.data_ptr<T>(), L, int(p), int(q), maxr.data_ptr<int>(), tau, int(min_rank), 0,
                            int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(), rank.data_ptr<int>(),
                            status.data_ptr<int>(), static_cast<char*>(ws.data_ptr()), stride, stream);
   return {P, sig, Q, rank, status};
@@ -217,17 +205,10 @@ GroupTensors fused_update_group(const std::vector<Tensor>& Us, const std::vector
   if (aU > 0) core.narrow(1, r, aU).narrow(2, 0, r).copy_(at::bmm(QU.mT(), stack_layers(DKs)).mul_(-lr));
   // 3. SVD + rank (on the device)
   Tensor P = at::empty({L, p, kk}, opts), Q = at::empty({L, q, kk}, opts), sig = at::empty({L, kk}, opts);
-  Tensor kr = at::empty({L}, opts.dtype(at::kInt));
-  Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), /*tau=*/0.0,
-                           int(min_rank), int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(), Q.data_ptr<T>(),
-                           kr.data_ptr<int>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
-  Tensor rank = spare_rank(sig, kr, tau, min_rank, spare);
-  {
-    Tensor live = at::arange(kk, opts.dtype(at::kInt)).unsqueeze(0).lt(rank.unsqueeze(1)).to(sig.scalar_type());
-    sig.mul_(live);
-    P.mul_(live.unsqueeze(1));
-    Q.mul_(live.unsqueeze(1));
-  }
+  Tensor rank = at::empty({L}, opts.dtype(at::kInt));
+  Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), tau,
+                           int(min_rank), int(spare), int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(),
+                           Q.data_ptr<T>(), rank.data_ptr<int>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
   // 4. rotate the bases, re-orthonormalize, fold R into S. Every rank is ≤ kw, so the padded width can
   // drop to kw: the largest max_rank (< 0: no cap) in general, the largest chosen rank where the ranks
   // live on the host (CPU).

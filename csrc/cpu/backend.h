@@ -45,22 +45,23 @@ struct CpuBackend {
   // ATen) followed by the same rank rule (a LinAlgError or non-finite σ → kNoConvergence).
   template <class T>
   static void svd(int method, const T* core, int64_t L, int p, int q, const int* max_rank, double tau,
-                  int min_rank, int max_sweeps, T* P, T* sig, T* Q, int* rank, int* status, char* ws, size_t stride,
+                  int min_rank, int spare, int max_sweeps, T* P, T* sig, T* Q, int* rank, int* status, char* ws, size_t stride,
                   void* stream) {
     if (method == kSvdJacobi) {
-      jacobi<T>(core, L, p, q, max_rank, tau, min_rank, max_sweeps, P, sig, Q, rank, status, ws, stride, stream);
+      jacobi<T>(core, L, p, q, max_rank, tau, min_rank, spare, max_sweeps, P, sig, Q, rank, status, ws, stride,
+                stream);
       return;
     }
     const int kk = p < q ? p : q;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads(L))
     for (int64_t l = 0; l < L; ++l) {
-      status[l] |= lapack_svd_layer<T>(core + l * p * q, p, q, max_rank[l], tau, min_rank, P + l * p * kk, sig + l * kk,
-                                       Q + l * q * kk, rank + l);
+      status[l] |= lapack_svd_layer<T>(core + l * p * q, p, q, max_rank[l], tau, min_rank, spare, P + l * p * kk,
+                                       sig + l * kk, Q + l * q * kk, rank + l);
     }
   }
 
   template <class T>
-  static int lapack_svd_layer(const T* core, int p, int q, int max_rank, double tau, int min_rank, T* P_out,
+  static int lapack_svd_layer(const T* core, int p, int q, int max_rank, double tau, int min_rank, int spare, T* P_out,
                               T* sig_out, T* Q_out, int* rank_out) {
     const int kk = p < q ? p : q;
     const auto dt = std::is_same<T, float>::value ? at::kFloat : at::kDouble;
@@ -84,7 +85,7 @@ struct CpuBackend {
     const T* u = U.data_ptr<T>();
     const T* s = S.data_ptr<T>();
     const T* vh = Vh.data_ptr<T>();
-    const int k = tolerance_rank(s, kk, tau, min_rank, max_rank);
+    const int k = tolerance_rank(s, kk, tau, min_rank, max_rank, spare);
     *rank_out = k;
     for (int o = 0; o < kk; ++o) sig_out[o] = s[o];
     for (int i = 0; i < p; ++i)
@@ -96,12 +97,13 @@ struct CpuBackend {
 
   template <class T>
   static void jacobi(const T* core, int64_t L, int p, int q, const int* max_rank, double tau, int min_rank,
-                     int max_sweeps, T* P, T* sig, T* Q, int* rank, int* status, char* ws, size_t stride, void*) {
+                     int spare, int max_sweeps, T* P, T* sig, T* Q, int* rank, int* status, char* ws, size_t stride, void*) {
     const int kk = p < q ? p : q;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads(L))
     for (int64_t l = 0; l < L; ++l) {
-      status[l] |= jacobi_svd_layer<T>(SerialCtx{}, core + l * p * q, p, q, max_rank[l], tau, min_rank, max_sweeps,
-                                       P + l * p * kk, sig + l * kk, Q + l * q * kk, rank + l, ws + l * stride);
+      status[l] |= jacobi_svd_layer<T>(SerialCtx{}, core + l * p * q, p, q, max_rank[l], tau, min_rank, spare,
+                                       max_sweeps, P + l * p * kk, sig + l * kk, Q + l * q * kk, rank + l,
+                                       ws + l * stride);
     }
   }
 

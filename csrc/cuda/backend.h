@@ -27,9 +27,9 @@ struct CudaBackend {
 
   template <class T>
   static void svd(int method, const T* core, int64_t L, int p, int q, const int* max_rank, double tau, int min_rank,
-                  int max_sweeps, T* P, T* sig, T* Q, int* rank, int* status, char* ws, size_t stride, void* stream) {
+                  int spare, int max_sweeps, T* P, T* sig, T* Q, int* rank, int* status, char* ws, size_t stride, void* stream) {
     TORCH_CHECK(method == kSvdJacobi, "the CUDA backend decomposes the core by Jacobi only");
-    check(cuda::jacobi_svd(core, L, p, q, max_rank, tau, min_rank, max_sweeps, P, sig, Q, rank, status, ws, stride,
+    check(cuda::jacobi_svd(core, L, p, q, max_rank, tau, min_rank, spare, max_sweeps, P, sig, Q, rank, status, ws, stride,
                            stream),
           "jacobi_svd");
   }

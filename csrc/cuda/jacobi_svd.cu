@@ -18,20 +18,20 @@ constexpr int kMaxThreads = 512;
 
 template <class T>
 __global__ void __launch_bounds__(kMaxThreads)
-    jacobi_kernel(const T* core, int p, int q, const int* max_rank, double tau, int min_rank, int max_sweeps, T* P,
-                  T* sig, T* Q, int* rank, int* status, char* ws, size_t stride, int use_smem) {
+    jacobi_kernel(const T* core, int p, int q, const int* max_rank, double tau, int min_rank, int spare,
+                  int max_sweeps, T* P, T* sig, T* Q, int* rank, int* status, char* ws, size_t stride, int use_smem) {
   const int64_t l = blockIdx.x;
   const int kk = p < q ? p : q;
   void* mem = use_smem ? static_cast<void*>(dynamic_smem()) : static_cast<void*>(ws + l * stride);
   BlockCtx c;
-  const int st = jacobi_svd_layer<T>(c, core + l * p * q, p, q, max_rank[l], tau, min_rank, max_sweeps,
+  const int st = jacobi_svd_layer<T>(c, core + l * p * q, p, q, max_rank[l], tau, min_rank, spare, max_sweeps,
                                      P + l * p * kk, sig + l * kk, Q + l * q * kk, rank + l, mem);
   if (c.tid == 0 && st != kOk) status[l] |= st;
 }
 
 template <class T>
-int launch(const T* core, int64_t L, int p, int q, const int* max_rank, double tau, int min_rank, int max_sweeps,
-           T* P, T* sig, T* Q, int* rank, int* status, char* ws, size_t stride, void* stream) {
+int launch(const T* core, int64_t L, int p, int q, const int* max_rank, double tau, int min_rank, int spare,
+           int max_sweeps, T* P, T* sig, T* Q, int* rank, int* status, char* ws, size_t stride, void* stream) {
   if (L == 0 || p == 0 || q == 0) return cudaSuccess;
   const int nc = p < q ? p : q;
   // one warp per pair of a round (nc/2 pairs), at least 4 and at most kMaxThreads/32 warps
@@ -47,7 +47,7 @@ int launch(const T* core, int64_t L, int p, int q, const int* max_rank, double t
     smem = 0;
   }
   jacobi_kernel<T><<<unsigned(L), warps * 32, smem, static_cast<cudaStream_t>(stream)>>>(
-      core, p, q, max_rank, tau, min_rank, max_sweeps, P, sig, Q, rank, status, ws, stride, smem > 0 ? 1 : 0);
+      core, p, q, max_rank, tau, min_rank, spare, max_sweeps, P, sig, Q, rank, status, ws, stride, smem > 0 ? 1 : 0);
   return int(cudaGetLastError());
 }
 
@@ -56,14 +56,15 @@ int launch(const T* core, int64_t L, int p, int q, const int* max_rank, double t
 namespace cuda {
 
 int jacobi_svd(const float* core, int64_t L, int p, int q, const int* max_rank, double tau, int min_rank,
-               int max_sweeps, float* P, float* sig, float* Q, int* rank, int* status, char* ws, size_t stride,
+               int spare, int max_sweeps, float* P, float* sig, float* Q, int* rank, int* status, char* ws, size_t stride,
                void* stream) {
-  return launch<float>(core, L, p, q, max_rank, tau, min_rank, max_sweeps, P, sig, Q, rank, status, ws, stride, stream);
+  return launch<float>(core, L, p, q, max_rank, tau, min_rank, spare, max_sweeps, P, sig, Q, rank, status, ws, stride,
+                       stream);
 }
 int jacobi_svd(const double* core, int64_t L, int p, int q, const int* max_rank, double tau, int min_rank,
-               int max_sweeps, double* P, double* sig, double* Q, int* rank, int* status, char* ws, size_t stride,
+               int spare, int max_sweeps, double* P, double* sig, double* Q, int* rank, int* status, char* ws, size_t stride,
                void* stream) {
-  return launch<double>(core, L, p, q, max_rank, tau, min_rank, max_sweeps, P, sig, Q, rank, status, ws, stride,
+  return launch<double>(core, L, p, q, max_rank, tau, min_rank, spare, max_sweeps, P, sig, Q, rank, status, ws, stride,
                         stream);
 }
 bool jacobi_in_shared_memory(int p, int q, int dtype_bytes) {

@@ -22,12 +22,12 @@ int reorth(const double* G, int64_t L, int kk, const int* rank, float* R, float*
 int reorth(const double* G, int64_t L, int kk, const int* rank, double* R, double* Rinv, int* status, char* ws,
            size_t stride, void* stream);
 
-// One-block Jacobi SVD + rank rule per layer: core (L,p,q) → P (L,p,kk), sig (L,kk), Q (L,q,kk), rank (L).
+// One-block Jacobi SVD + rank rule (τ-rank + spare) per layer: core (L,p,q) → P (L,p,kk), sig (L,kk), Q (L,q,kk), rank (L).
 int jacobi_svd(const float* core, int64_t L, int p, int q, const int* max_rank, double tau, int min_rank,
-               int max_sweeps, float* P, float* sig, float* Q, int* rank, int* status, char* ws, size_t stride,
+               int spare, int max_sweeps, float* P, float* sig, float* Q, int* rank, int* status, char* ws, size_t stride,
                void* stream);
 int jacobi_svd(const double* core, int64_t L, int p, int q, const int* max_rank, double tau, int min_rank,
-               int max_sweeps, double* P, double* sig, double* Q, int* rank, int* status, char* ws, size_t stride,
+               int spare, int max_sweeps, double* P, double* sig, double* Q, int* rank, int* status, char* ws, size_t stride,
                void* stream);
 
 // Whether layer scratch of this many bytes lives in shared memory on the current device (for reports).

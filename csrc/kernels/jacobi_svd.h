@@ -14,7 +14,7 @@
 // kernels.md) warm cores take 8-16, about as many as random ones: only Ŝ's top-left block is nearly diagonal,
 // while the O(lr) coupling blocks pose a generic r-column problem that is resolved to full relative accuracy.
 //
-// Then: σ_j = ‖b_j‖ sorted descending; rank k = tolerance_rank(σ, τ, min_rank, max_rank); the outputs
+// Then: σ_j = ‖b_j‖ sorted descending; rank k = tolerance_rank(σ, τ, min_rank, max_rank, spare); the outputs
 // are the first k singular vectors (columns ≥ k are written as zeros): the accumulated side is V's
 // columns; the other side is b_j/σ_j, except for numerically zero σ_j (≤ p·eps·σ_1, only ever kept when
 // min_rank forces it), which are completed to an orthonormal set by Gram-Schmidt (twice) from unit vectors.
@@ -49,7 +49,7 @@ LRT_FN void round_robin_pair(int t, int s, int n2, int* i, int* j) {
 // *rank_out; returns a Status. mem: jacobi_smem_bytes<T>(p, q) bytes (shared memory on CUDA).
 template <class T, class Ctx>
 LRT_FN int jacobi_svd_layer(const Ctx& c, const T* A, int p, int q, int max_rank, double tau, int min_rank,
-                            int max_sweeps, T* P_out, T* sig_out, T* Q_out, int* rank_out, void* mem) {
+                            int spare, int max_sweeps, T* P_out, T* sig_out, T* Q_out, int* rank_out, void* mem) {
   const bool trans = q > p;
   const int nc = trans ? p : q, len = trans ? q : p, kk = nc;
   T* W = static_cast<T*>(mem);  // column j of B at W + j*len
@@ -176,7 +176,7 @@ LRT_FN int jacobi_svd_layer(const Ctx& c, const T* A, int p, int q, int max_rank
   c.sync();
   for (int o = c.tid; o < nc; o += c.nthreads) ssig[o] = nrm[perm[o]];
   c.sync();
-  if (c.tid == 0) cnt[2] = tolerance_rank(ssig, kk, tau, min_rank, max_rank);
+  if (c.tid == 0) cnt[2] = tolerance_rank(ssig, kk, tau, min_rank, max_rank, spare);
   c.sync();
   const int k = cnt[2];
   const int nd = numerical_rank(ssig, kk);  // columns o < nd have σ > kk·eps·σ_1: b/σ is well defined

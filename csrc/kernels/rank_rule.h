@@ -1,6 +1,6 @@
 // The truncation rule of lrtrain.rank.tolerance_rank, for one layer (second implementation).
 //
-//   r = min{ k : (Σ_{j>k} σ_j²)^{1/2} ≤ τ ‖σ‖₂ }, capped at the numerical rank #{σ_j > p·eps·σ_1},
+//   r = min{ k : (Σ_{j>k} σ_j²)^{1/2} ≤ τ ‖σ‖₂ } + spare, capped at the numerical rank #{σ_j > p·eps·σ_1},
 //   then clamped to [min(min_rank, hi), hi], hi = min(max_rank, p).
 //
 // Bit-for-bit the same arithmetic as the torch code: squares and tails in double, tails accumulated
@@ -11,9 +11,10 @@
 
 namespace lrtrain {
 
-// sigma: p singular values, descending. max_rank < 0 means "no cap". Returns the chosen rank.
+// sigma: p singular values, descending. max_rank < 0 means "no cap"; spare: directions kept beyond the τ-rank.
+// Returns the chosen rank.
 template <class T>
-LRT_FN int tolerance_rank(const T* sigma, int p, double tau, int min_rank, int max_rank) {
+LRT_FN int tolerance_rank(const T* sigma, int p, double tau, int min_rank, int max_rank, int spare) {
   if (p == 0) return 0;
   double total = 0.0;
   for (int k = p - 1; k >= 0; --k) total += double(sigma[k]) * double(sigma[k]);
@@ -30,7 +31,7 @@ LRT_FN int tolerance_rank(const T* sigma, int p, double tau, int min_rank, int m
     if (sigma[k] > num_thr) ++numerical;
   const int hi = max_rank < 0 ? p : lrt_min(max_rank, p);
   const int lo = lrt_min(min_rank, hi);
-  int k = lrt_min(by_tol, numerical);
+  int k = lrt_min(by_tol + spare, numerical);
   return lrt_min(lrt_max(k, lo), hi);
 }
 
