@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .layers import LowRankConv2d, LowRankLinear
-from .layers.factors import FactorizedMixin, _check_bool, _check_int, _check_tau, truncated_svd_factors
+from .layers.factors import FactorizedMixin, _check_bool, _check_int, _check_tau
 
 # Instance attribute of a LowRankLinear converted from a transformers Conv1D: densify (and
 # lrtrain.save_pretrained) turn it back into a Conv1D, whose weight is stored transposed (in, out).
@@ -250,15 +250,9 @@ def _convert(child, parent, rank, tau, max_rank, capacity, min_features):
 
 def _from_conv1d(layer: nn.Module, rank: int | None, tau: float | None, max_rank: int | None,
                  capacity: int | None) -> LowRankLinear:
-    """A LowRankLinear from the truncated SVD of a Conv1D's transposed weight (see LowRankLinear.from_dense)."""
-    w = layer.weight  # (in, out): y = x W + b
-    U, S, V = truncated_svd_factors(w.detach().mT, rank, tau)
-    new = LowRankLinear(w.shape[0], w.shape[1], S.shape[0], max_rank=max_rank, bias=layer.bias is not None,
-                        device=w.device, dtype=w.dtype, capacity=capacity)
-    with torch.no_grad():
-        new.write_factors(U, S, V)
-        if layer.bias is not None:
-            new.bias.copy_(layer.bias)
+    """A LowRankLinear from the truncated SVD of a Conv1D's transposed weight (see LowRankLinear.from_weight)."""
+    new = LowRankLinear.from_weight(layer.weight.detach().mT, layer.bias, rank=rank, tau=tau, max_rank=max_rank,
+                                    capacity=capacity)  # Conv1D: weight (in, out), y = x W + b
     setattr(new, ORIGIN_ATTR, CONV1D)
     return new
 

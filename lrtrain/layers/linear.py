@@ -43,14 +43,21 @@ class LowRankLinear(FactorizedMixin, nn.Module):
         ``rank`` must be in [1, min(out, in)]."""
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"layer must be an nn.Linear, got {type(layer).__name__}")
-        U, S, V = truncated_svd_factors(layer.weight, rank, tau)
-        w = layer.weight
-        new = cls(layer.in_features, layer.out_features, S.shape[0], max_rank=max_rank,
-                  bias=layer.bias is not None, device=w.device, dtype=w.dtype, capacity=capacity)
+        return cls.from_weight(layer.weight, layer.bias, rank=rank, tau=tau, max_rank=max_rank, capacity=capacity)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int | None = None,
+                    tau: float | None = None, max_rank: int | None = None,
+                    capacity: int | None = None) -> "LowRankLinear":
+        """The layer y = x Wᵀ + b from the truncated SVD of ``weight`` W (out × in) and ``bias`` (out or None);
+        ``rank``, ``tau``, ``max_rank``, ``capacity`` as in :meth:`from_dense`."""
+        U, S, V = truncated_svd_factors(weight, rank, tau)
+        new = cls(weight.shape[1], weight.shape[0], S.shape[0], max_rank=max_rank, bias=bias is not None,
+                  device=weight.device, dtype=weight.dtype, capacity=capacity)
         with torch.no_grad():
             new.write_factors(U, S, V)
-            if layer.bias is not None:
-                new.bias.copy_(layer.bias)
+            if bias is not None:
+                new.bias.copy_(bias)
         return new
 
     def to_dense(self) -> nn.Linear:
