@@ -26,7 +26,7 @@ import re
 import torch
 from torch import nn
 
-from .convert import CONV1D, ORIGIN_ATTR, is_conv1d
+from .convert import CONV1D, ORIGIN_ATTR, _aliases, is_conv1d
 from .layers import LowRankConv2d, LowRankLinear
 from .layers.factors import FactorizedMixin
 
@@ -272,10 +272,7 @@ def from_pretrained(model_class, directory, *, dtype: torch.dtype | None = None,
             raise ValueError(f"{directory}: {name}.weight is not lrtrain's marker (absent or not one element): "
                              "the weights do not belong to this lrtrain.json")
     result = model.load_state_dict(state, strict=False)  # a factorized layer's bad entries raise here
-    aliases: dict = {}
-    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        aliases.setdefault(id(t), []).append(n)
-    by_name = {n: names for names in aliases.values() for n in names}
+    by_name = {n: names for names in _aliases(model).values() for n in names}
     ignored = _ignored_on_save(model)
     missing = [k for k in result.missing_keys
                if not any(a in state for a in by_name.get(k, [])) and not any(p.search(k) for p in ignored)]
