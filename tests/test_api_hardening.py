@@ -6,7 +6,7 @@ from torch import nn
 
 import lrtrain
 import lrtrain.train
-from lrtrain.rank import tolerance_rank
+from lrtrain.update import tolerance_rank
 
 
 def test_refused_set_capacity_changes_nothing():

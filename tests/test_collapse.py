@@ -12,7 +12,7 @@ from lrtrain.collapse import scatter_reference
 from lrtrain.collapse.analysis import dense_weight
 from lrtrain.data import batches
 from lrtrain.models import mlp
-from lrtrain.optim.step import LayerStep
+from lrtrain.update.spec import LayerStep
 from lrtrain.rank import CollapseGuide
 from lrtrain.train import evaluate, ranks
 

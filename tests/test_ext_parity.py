@@ -1,4 +1,4 @@
-"""Parity of the fused DLRT update (lrtrain.ext, csrc/) with the reference spec (lrtrain.optim.step).
+"""Parity of the fused DLRT update (lrtrain.update, csrc/) with the reference spec (lrtrain.update.spec).
 
 Every compiled variant must give, layer by layer: the same rank, the same subspaces (projectors U Uᵀ,
 V Vᵀ and the compressed rotations R_U R_Uᵀ, R_V R_Vᵀ, never raw signs), the same coefficient singular
@@ -21,11 +21,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lrtrain
-import lrtrain.ext as ext
-from lrtrain.ext import dispatch
+import lrtrain.update as ext
+from lrtrain.update import dispatch
 from lrtrain.models import mlp
-from lrtrain.optim.step import LayerStep, augmented_core, reference_update
-from lrtrain.rank import tolerance_rank
+from lrtrain.update.backends import UpdateArgs, native_args
+from lrtrain.update.constants import AUGMENT_ALL
+from lrtrain.update.spec import LAYER_INPUTS, LayerStep, augmented_core, reference_update
+from lrtrain.update import tolerance_rank
 
 HAS_CPU = ext.available()["cpu"]
 HAS_CUDA = ext.available()["cuda"]
@@ -202,7 +204,7 @@ def test_min_rank_beyond_numerical_rank_completes_an_orthonormal_basis(variant):
 def test_reference_complement_of_tiny_gradients_is_orthonormal_and_scale_free(scale):
     """Gradients near float32's smallest normals: R⁻¹ of the first CholeskyQR pass used to overflow in float32
     (LinAlgError). The power-of-two column scale makes the complement of g·X that of X (for normal g·X bitwise)."""
-    from lrtrain.optim.linalg import orth_complement
+    from lrtrain.update.linalg import orth_complement
 
     item = make_item(40, 30, 5, torch.float32, 1)
     Q1 = orth_complement(item.U, item.G_K, 5)
@@ -344,13 +346,13 @@ def test_strided_inputs_and_per_layer_max_ranks(variant, dtype):
 def test_device_rank_branch_returns_padded_outputs():
     """host_ranks=False (the CUDA path's kHostRanks = false on CPU): the module hands back outputs padded to
     max(max_rank) with zero columns beyond each layer's rank; the ranks are those of the host branch."""
-    from lrtrain.ext import _cpu
+    from lrtrain.update import _cpu
 
     items = [make_item(30, 24, 5, torch.float64, s, max_rank=10) for s in range(3)]
-    args = [[getattr(it, f) for it in items] for f in ("U", "S_decayed", "V", "G_K", "G_L", "D_K", "D_L", "D_S")]
-    rest = ([10] * 3, -1, 3e-2, 0.1, 1, 1, dispatch.MAX_SWEEPS)
-    outs_d, rank_d, st_d = _cpu.update_group(*args, *rest, batched=True, svd="jacobi", host_ranks=False)
-    outs_h, rank_h, st_h = _cpu.update_group(*args, *rest, batched=True, svd="jacobi", host_ranks=True)
+    inputs = [[getattr(it, f) for f in LAYER_INPUTS] for it in items]
+    args = native_args(_cpu, UpdateArgs(max_rank=[10] * 3, augment=AUGMENT_ALL, lr=3e-2, tau=0.1, min_rank=1, spare=1))
+    outs_d, rank_d, st_d = _cpu.update_group(inputs, args, batched=True, svd="jacobi", host_ranks=False)
+    outs_h, rank_h, st_h = _cpu.update_group(inputs, args, batched=True, svd="jacobi", host_ranks=True)
     assert rank_d.dtype == torch.int32 and st_d.tolist() == st_h.tolist() == [0, 0, 0]
     assert rank_d.tolist() == rank_h.tolist()
     for (U, S, V, RU, RV), k in zip(outs_d, rank_d.tolist()):
@@ -365,7 +367,7 @@ def test_device_rank_branch_returns_padded_outputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", [(7, 7), (9, 5), (5, 9), (64, 64), (3, 1), (1, 1)])
 def test_jacobi_svd_kernel_matches_lapack_and_the_rank_rule(dtype, shape):
-    from lrtrain.ext import _cpu
+    from lrtrain.update import _cpu
 
     A = torch.randn(3, *shape, dtype=dtype)
     A[1, :, -1] = 0  # a zero column: one exact zero singular value

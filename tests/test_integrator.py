@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import lrtrain
-import lrtrain.ext as ext
-import lrtrain.optim.dlrt as dlrt_module
+import lrtrain.update as ext
+import lrtrain.optim.functional as dlrt_module
 from lrtrain import DLRT
 from lrtrain.layers import LowRankLinear
 from lrtrain.optim.base import make_rule
-from lrtrain.optim.step import LayerStep, augmented_core, reference_update
-from lrtrain.rank import tolerance_rank
+from lrtrain.update.spec import LayerStep, augmented_core, reference_update
+from lrtrain.update import tolerance_rank
 
 BACKENDS = ["reference"] + (["cpu"] if ext.available()["cpu"] else [])
 BASES = {"sgd": dict(base="sgd"), "momentum": dict(base="sgd", momentum=0.9),

@@ -11,7 +11,7 @@ import lrtrain.data
 import lrtrain.train
 from lrtrain import DLRT, LowRankLinear
 from lrtrain.models import mlp
-from lrtrain.optim.step import transport_state
+from lrtrain.update.spec import transport_state
 
 
 def test_recovers_rank_of_a_low_rank_target():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import lrtrain.ext as ext
+import lrtrain.update as ext
 from lrtrain import DLRT, LowRankLinear
 
 BACKENDS = ["reference"] + (["cpu"] if ext.available()["cpu"] else [])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lrtrain.rank import tolerance_rank
+from lrtrain.update import tolerance_rank
 
 
 def rank(sig, tau, **kw):

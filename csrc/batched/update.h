@@ -147,6 +147,29 @@ struct GroupTensors {
   }
 };
 
+// One param group's update settings: the fields of lrtrain.update.dispatch.UpdateArgs, in the same order
+// (the Python side checks the names the binding reports, UPDATE_ARGS, against its own).
+struct UpdateArgs {
+  std::vector<int64_t> max_rank;  // per layer; kNoRankCap: no cap
+  int64_t augment = kAugmentAll;  // new columns per side: r (kAugmentAll), else min(r, augment)
+  double lr = 0.0;
+  double tau = 0.0;
+  int64_t min_rank = 1;
+  int64_t spare = 0;
+  int64_t max_sweeps = 0;  // Jacobi sweeps before a layer reports kNoConvergence
+};
+
+// One layer's inputs, in the order of lrtrain.update.spec.LayerStep's tensor fields (LAYER_INPUTS).
+struct LayerInputs {
+  Tensor U, S, V, GK, GL, DK, DL, DS;  // (m,r) (r,r) (n,r) (m,≥a) (n,≥a) (m,r) (n,r) (r,r); S = decay(S)
+};
+
+// A layer's inputs from the binding's list of 8 tensors.
+inline LayerInputs layer_inputs(const std::vector<Tensor>& t) {
+  TORCH_CHECK(t.size() == 8, "a layer's inputs are 8 tensors [U, S, V, G_K, G_L, D_K, D_L, D_S], got ", t.size());
+  return {t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]};
+}
+
 // max_ranks (host) as an int tensor on `device`: a plain CPU tensor there, else copied without blocking
 // from pinned memory (the caching host allocator keeps the block alive until the copy is done).
 inline Tensor max_rank_tensor(const std::vector<int64_t>& max_ranks, const at::Device& device) {
@@ -158,38 +181,42 @@ inline Tensor max_rank_tensor(const std::vector<int64_t>& max_ranks, const at::D
   return cuda ? h.to(device, at::kInt, /*non_blocking=*/true) : h;
 }
 
+// (L, ...) stack of one input field over the layers.
+template <class Field>
+Tensor stack_field(const std::vector<LayerInputs>& layers, Field f) {
+  std::vector<Tensor> xs;
+  xs.reserve(layers.size());
+  for (const auto& x : layers) xs.push_back(x.*f);
+  return stack_layers(xs);
+}
+
 // The fused update of L layers of one shape (same m, n, r, dtype, device; inputs may be strided views).
-// augment < 0: r new columns per side, else min(r, augment). Launches everything, synchronizes nothing
-// (on a device backend): the caller reads rank/status back, one copy for all its groups.
+// Launches everything, synchronizes nothing (on a device backend): the caller reads rank/status back, one
+// copy for all its groups.
 template <class Backend, class T>
-GroupTensors fused_update_group(const std::vector<Tensor>& Us, const std::vector<Tensor>& Ss,
-                                const std::vector<Tensor>& Vs, const std::vector<Tensor>& GKs,
-                                const std::vector<Tensor>& GLs, const std::vector<Tensor>& DKs,
-                                const std::vector<Tensor>& DLs, const std::vector<Tensor>& DSs,
-                                const std::vector<int64_t>& max_ranks, int64_t augment, double lr, double tau,
-                                int64_t min_rank, int64_t spare, int64_t max_sweeps, int svd_method, void* stream) {
+GroupTensors fused_update_group(const std::vector<LayerInputs>& layers, const UpdateArgs& args, int svd_method,
+                                void* stream) {
   at::NoGradGuard no_grad;
-  const int64_t L = int64_t(Us.size());
-  TORCH_CHECK(L > 0 && Ss.size() == size_t(L) && Vs.size() == size_t(L) && GKs.size() == size_t(L) &&
-                  GLs.size() == size_t(L) && DKs.size() == size_t(L) && DLs.size() == size_t(L) &&
-                  DSs.size() == size_t(L) && max_ranks.size() == size_t(L),
-              "fused_update_group: every argument needs one entry per layer");
-  const int64_t m = Us[0].size(0), r = Us[0].size(1), n = Vs[0].size(0);
-  for (int64_t l = 0; l < L; ++l)
-    TORCH_CHECK(Us[l].size(0) == m && Us[l].size(1) == r && Vs[l].size(0) == n && Vs[l].size(1) == r &&
-                    Ss[l].size(0) == r && Ss[l].size(1) == r && GKs[l].size(0) == m && GLs[l].size(0) == n,
+  const int64_t L = int64_t(layers.size());
+  const std::vector<int64_t>& max_ranks = args.max_rank;
+  TORCH_CHECK(L > 0 && max_ranks.size() == size_t(L), "fused_update_group: one max_rank per layer");
+  const int64_t m = layers[0].U.size(0), r = layers[0].U.size(1), n = layers[0].V.size(0);
+  for (const auto& x : layers)
+    TORCH_CHECK(x.U.size(0) == m && x.U.size(1) == r && x.V.size(0) == n && x.V.size(1) == r && x.S.size(0) == r &&
+                    x.S.size(1) == r && x.GK.size(0) == m && x.GL.size(0) == n,
                 "fused_update_group: the layers of a batched group must share m, n and the rank r");
-  const int64_t a = augment < 0 ? r : std::min(r, augment);
+  const int64_t a = args.augment == kAugmentAll ? r : std::min(r, args.augment);
+  const double lr = args.lr;
   const int64_t aU = std::min(a, m - r), aV = std::min(a, n - r);
   const int64_t p = r + aU, q = r + aV, kk = std::min(p, q);
-  auto opts = Us[0].options();
+  auto opts = layers[0].U.options();
 
   std::vector<Tensor> xu, xv;
-  for (int64_t l = 0; l < L; ++l) {
-    xu.push_back(GKs[l].narrow(1, 0, aU == 0 ? 0 : a));
-    xv.push_back(GLs[l].narrow(1, 0, aV == 0 ? 0 : a));
+  for (const auto& x : layers) {
+    xu.push_back(x.GK.narrow(1, 0, aU == 0 ? 0 : a));
+    xv.push_back(x.GL.narrow(1, 0, aV == 0 ? 0 : a));
   }
-  Tensor U = stack_layers(Us), V = stack_layers(Vs);
+  Tensor U = stack_field(layers, &LayerInputs::U), V = stack_field(layers, &LayerInputs::V);
   Tensor status = at::zeros({L}, opts.dtype(at::kInt));
   Tensor max_rank = max_rank_tensor(max_ranks, opts.device());
   Workspace ws{Tensor(), layer_workspace_bytes<T>(int(a), int(p), int(q))};
@@ -200,20 +227,20 @@ GroupTensors fused_update_group(const std::vector<Tensor>& Us, const std::vector
   Tensor QV = orth_complement_batched<Backend, T>(V, stack_layers(xv), aV, status, ws, stream);
   // 2. Galerkin core
   Tensor core = at::zeros({L, p, q}, opts);
-  core.narrow(1, 0, r).narrow(2, 0, r).copy_(at::sub(stack_layers(Ss), stack_layers(DSs).mul(lr)));
-  if (aV > 0) core.narrow(1, 0, r).narrow(2, r, aV).copy_(at::bmm(stack_layers(DLs).mT(), QV).mul_(-lr));
-  if (aU > 0) core.narrow(1, r, aU).narrow(2, 0, r).copy_(at::bmm(QU.mT(), stack_layers(DKs)).mul_(-lr));
+  core.narrow(1, 0, r).narrow(2, 0, r).copy_(at::sub(stack_field(layers, &LayerInputs::S), stack_field(layers, &LayerInputs::DS).mul(lr)));
+  if (aV > 0) core.narrow(1, 0, r).narrow(2, r, aV).copy_(at::bmm(stack_field(layers, &LayerInputs::DL).mT(), QV).mul_(-lr));
+  if (aU > 0) core.narrow(1, r, aU).narrow(2, 0, r).copy_(at::bmm(QU.mT(), stack_field(layers, &LayerInputs::DK)).mul_(-lr));
   // 3. SVD + rank (on the device)
   Tensor P = at::empty({L, p, kk}, opts), Q = at::empty({L, q, kk}, opts), sig = at::empty({L, kk}, opts);
   Tensor rank = at::empty({L}, opts.dtype(at::kInt));
-  Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), tau,
-                           int(min_rank), int(spare), int(max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(),
+  Backend::template svd<T>(svd_method, core.data_ptr<T>(), L, int(p), int(q), max_rank.data_ptr<int>(), args.tau,
+                           int(args.min_rank), int(args.spare), int(args.max_sweeps), P.data_ptr<T>(), sig.data_ptr<T>(),
                            Q.data_ptr<T>(), rank.data_ptr<int>(), status.data_ptr<int>(), ws.base(), ws.stride, stream);
   // 4. rotate the bases, re-orthonormalize, fold R into S. Every rank is ≤ kw, so the padded width can
-  // drop to kw: the largest max_rank (< 0: no cap) in general, the largest chosen rank where the ranks
+  // drop to kw: the largest max_rank (kNoRankCap: no cap) in general, the largest chosen rank where the ranks
   // live on the host (CPU).
   int64_t kw = 0;
-  for (int64_t mr : max_ranks) kw = std::max(kw, mr < 0 ? kk : std::min(kk, mr));
+  for (int64_t mr : max_ranks) kw = std::max<int64_t>(kw, rank_cap(int(mr), int(kk)));
   if (Backend::kHostRanks) {
     const int* rk = rank.data_ptr<int>();
     kw = *std::max_element(rk, rk + L);

@@ -75,7 +75,7 @@ struct CpuBackend {
       ok = false;
     }
     if (!ok) {
-      const int hi = max_rank < 0 ? kk : std::min(max_rank, kk);
+      const int hi = rank_cap(max_rank, kk);
       *rank_out = std::min(min_rank, hi);
       return kNoConvergence;
     }

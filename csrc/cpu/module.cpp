@@ -1,4 +1,4 @@
-// Python module lrtrain.ext._cpu: the fused DLRT update on CPU tensors (csrc/batched/update.h driven by
+// Python module lrtrain.update._cpu: the fused DLRT update on CPU tensors (csrc/batched/update.h driven by
 // csrc/cpu/backend.h), and the batched Jacobi SVD alone (for the benchmarks and tests).
 #include <torch/extension.h>
 
@@ -8,13 +8,16 @@
 #include <string>
 
 #include "../batched/update.h"
+#include "../common/binding.h"
 #include "backend.h"
 
 namespace {
 
 using lrtrain::CpuBackend;
 using lrtrain::GroupTensors;
+using lrtrain::LayerInputs;
 using lrtrain::Tensor;
+using lrtrain::UpdateArgs;
 
 // The CPU kernels with the device-side rank branch of csrc/batched/update.h (kHostRanks = false: padded
 // widths from max_rank, as on CUDA), so the CPU tests cover that branch too.
@@ -22,28 +25,25 @@ struct CpuDeviceRanksBackend : CpuBackend {
   static constexpr bool kHostRanks = false;
 };
 
-// ([U, S, V, R_U, R_V] per layer, padded to a width ≥ its rank; rank (L) int; status (L) int).
-using GroupResult = std::tuple<std::vector<std::vector<Tensor>>, Tensor, Tensor>;
+// How the CPU runs a group (lrtrain.update.dispatch.CPU_OPTIONS).
+struct Schedule {
+  bool batched;     // the CUDA path's schedule: every step batched over the L layers (same m, n, r)
+  int svd;          // kSvdLapack or kSvdJacobi
+  bool host_ranks;  // false: the device-side rank branch
+};
 
 template <class Backend, class T>
-GroupResult update_group_t(const std::vector<Tensor>& U, const std::vector<Tensor>& S, const std::vector<Tensor>& V,
-                           const std::vector<Tensor>& GK, const std::vector<Tensor>& GL, const std::vector<Tensor>& DK,
-                           const std::vector<Tensor>& DL, const std::vector<Tensor>& DS,
-                           const std::vector<int64_t>& max_rank, int64_t augment, double lr, double tau,
-                           int64_t min_rank, int64_t spare, int64_t max_sweeps, bool batched, int svd) {
-  if (batched) {  // the CUDA path's schedule: every step batched over the L layers (same m, n, r)
-    GroupTensors g = lrtrain::fused_update_group<Backend, T>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau,
-                                                             min_rank, spare, max_sweeps, svd, nullptr);
+lrtrain::GroupResult update_group_t(const std::vector<LayerInputs>& layers, const UpdateArgs& args, int svd,
+                                    bool batched) {
+  if (batched) {
+    GroupTensors g = lrtrain::fused_update_group<Backend, T>(layers, args, svd, nullptr);
     return {g.layers(), g.rank, g.status};
   }
   // Default CPU schedule: OpenMP over layers, each thread runs the whole sequence for its layer (L = 1:
   // no stacking copies; ATen/MKL calls inside the parallel region are single-threaded). Layers may differ
   // in their rank r (only m, n, dtype and the augment setting are shared).
-  const int64_t L = int64_t(U.size());
-  TORCH_CHECK(S.size() == size_t(L) && V.size() == size_t(L) && GK.size() == size_t(L) && GL.size() == size_t(L) &&
-                  DK.size() == size_t(L) && DL.size() == size_t(L) && DS.size() == size_t(L) &&
-                  max_rank.size() == size_t(L),
-              "update_group: every argument needs one entry per layer");
+  const int64_t L = int64_t(layers.size());
+  TORCH_CHECK(args.max_rank.size() == size_t(L), "update_group: one max_rank per layer");
   std::vector<std::vector<Tensor>> outs(L);
   Tensor rank = at::empty({L}, at::kInt), status = at::empty({L}, at::kInt);
   int* rk = rank.data_ptr<int>();
@@ -53,9 +53,9 @@ GroupResult update_group_t(const std::vector<Tensor>& U, const std::vector<Tenso
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t l = 0; l < L; ++l) {
     try {
-      GroupTensors g = lrtrain::fused_update_group<Backend, T>({U[l]}, {S[l]}, {V[l]}, {GK[l]}, {GL[l]}, {DK[l]},
-                                                               {DL[l]}, {DS[l]}, {max_rank[l]}, augment, lr, tau,
-                                                               min_rank, spare, max_sweeps, svd, nullptr);
+      UpdateArgs one = args;
+      one.max_rank = {args.max_rank[l]};
+      GroupTensors g = lrtrain::fused_update_group<Backend, T>({layers[l]}, one, svd, nullptr);
       outs[l] = g.layers()[0];
       rk[l] = g.rank.data_ptr<int>()[0];
       st[l] = g.status.data_ptr<int>()[0];
@@ -69,34 +69,21 @@ GroupResult update_group_t(const std::vector<Tensor>& U, const std::vector<Tenso
 }
 
 template <class T>
-GroupResult dispatch_backend(bool host_ranks, const std::vector<Tensor>& U, const std::vector<Tensor>& S,
-                             const std::vector<Tensor>& V, const std::vector<Tensor>& GK, const std::vector<Tensor>& GL,
-                             const std::vector<Tensor>& DK, const std::vector<Tensor>& DL,
-                             const std::vector<Tensor>& DS, const std::vector<int64_t>& max_rank, int64_t augment,
-                             double lr, double tau, int64_t min_rank, int64_t spare, int64_t max_sweeps, bool batched, int svd) {
-  if (host_ranks)
-    return update_group_t<CpuBackend, T>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank,
-                                         spare, max_sweeps, batched, svd);
-  return update_group_t<CpuDeviceRanksBackend, T>(U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank,
-                                                  spare, max_sweeps, batched, svd);
+lrtrain::GroupResult dispatch_schedule(const std::vector<LayerInputs>& layers, const UpdateArgs& args,
+                                       const Schedule& s) {
+  if (s.host_ranks) return update_group_t<CpuBackend, T>(layers, args, s.svd, s.batched);
+  return update_group_t<CpuDeviceRanksBackend, T>(layers, args, s.svd, s.batched);
 }
 
-GroupResult update_group(const std::vector<Tensor>& U, const std::vector<Tensor>& S, const std::vector<Tensor>& V,
-                         const std::vector<Tensor>& GK, const std::vector<Tensor>& GL, const std::vector<Tensor>& DK,
-                         const std::vector<Tensor>& DL, const std::vector<Tensor>& DS,
-                         const std::vector<int64_t>& max_rank, int64_t augment, double lr, double tau,
-                         int64_t min_rank, int64_t spare, int64_t max_sweeps, bool batched, const std::string& svd,
-                         bool host_ranks) {
-  TORCH_CHECK(!U.empty(), "update_group: no layers");
-  TORCH_CHECK(U[0].device().is_cpu(), "lrtrain.ext._cpu takes CPU tensors");
+lrtrain::GroupResult update_group(const std::vector<std::vector<Tensor>>& inputs, const UpdateArgs& args,
+                                  bool batched, const std::string& svd, bool host_ranks) {
+  const std::vector<LayerInputs> layers = lrtrain::group_inputs(inputs);
+  TORCH_CHECK(layers[0].U.device().is_cpu(), "lrtrain.update._cpu takes CPU tensors");
   TORCH_CHECK(svd == "lapack" || svd == "jacobi", "svd must be 'lapack' or 'jacobi', got ", svd);
-  const int method = svd == "jacobi" ? lrtrain::kSvdJacobi : lrtrain::kSvdLapack;
-  if (U[0].scalar_type() == at::kFloat)
-    return dispatch_backend<float>(host_ranks, U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank,
-                                   spare, max_sweeps, batched, method);
-  TORCH_CHECK(U[0].scalar_type() == at::kDouble, "lrtrain.ext._cpu supports float32 and float64");
-  return dispatch_backend<double>(host_ranks, U, S, V, GK, GL, DK, DL, DS, max_rank, augment, lr, tau, min_rank,
-                                  spare, max_sweeps, batched, method);
+  const Schedule s{batched, svd == "jacobi" ? lrtrain::kSvdJacobi : lrtrain::kSvdLapack, host_ranks};
+  if (layers[0].U.scalar_type() == at::kFloat) return dispatch_schedule<float>(layers, args, s);
+  TORCH_CHECK(layers[0].U.scalar_type() == at::kDouble, "lrtrain.update._cpu supports float32 and float64");
+  return dispatch_schedule<double>(layers, args, s);
 }
 
 // A (L,p,q) → [P (L,p,kk), sigma (L,kk), Q (L,q,kk), rank (L), status (L)]; columns ≥ rank are zero.
@@ -112,14 +99,15 @@ std::vector<Tensor> jacobi_svd(const Tensor& A, double tau, int64_t min_rank, in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lrtrain fused DLRT update, CPU backend (C++/OpenMP)";
+  lrtrain::bind_common(m);
   m.def("update_group", &update_group,
-        "Fused DLRT update of L layers of one (m, n) (batched: and one r): returns ([U, S, V, R_U, R_V] per layer, "
-        "padded to a width >= its rank, rank (L) int32, status (L) int32). augment < 0: r new columns per side. "
-        "host_ranks=False: the device-side rank branch (padded widths from max_rank) that the CUDA backend runs",
-        py::arg("U"), py::arg("S"), py::arg("V"), py::arg("G_K"), py::arg("G_L"), py::arg("D_K"), py::arg("D_L"),
-        py::arg("D_S"), py::arg("max_rank"), py::arg("augment"), py::arg("lr"), py::arg("tau"), py::arg("min_rank"),
-        py::arg("spare"), py::arg("max_sweeps"), py::arg("batched") = false, py::arg("svd") = "lapack", py::arg("host_ranks") = true);
+        "Fused DLRT update of L layers of one (m, n) (batched: and one r): inputs, one list "
+        "[U, S, V, G_K, G_L, D_K, D_L, D_S] per layer; returns ([U, S, V, R_U, R_V] per layer, padded to a width "
+        ">= its rank, rank (L) int32, status (L) int32). host_ranks=False: the device-side rank branch (padded "
+        "widths from max_rank) that the CUDA backend runs",
+        py::arg("inputs"), py::arg("args"), py::arg("batched") = false, py::arg("svd") = "lapack",
+        py::arg("host_ranks") = true);
   m.def("jacobi_svd", &jacobi_svd, "Batched one-sided Jacobi SVD + rank rule: [P, sigma, Q, rank, status]",
-        py::arg("A"), py::arg("tau"), py::arg("min_rank") = 1, py::arg("max_rank") = -1, py::arg("max_sweeps") = 40);
+        py::arg("A"), py::arg("tau"), py::arg("min_rank"), py::arg("max_rank"), py::arg("max_sweeps"));
   m.def("openmp_max_threads", []() { return omp_get_max_threads(); });
 }

@@ -61,8 +61,8 @@ LRT_FN void upper_inverse(const Ctx& c, const double* R, int ldr, double* X, int
 //   G: w×w Gram (double); keep: w flags (output on the first pass, input on the second);
 //   Rinv_out: w×w in T, = R'⁻¹ with the rows of dropped columns zeroed;
 //   W, X: w×w double scratch. Returns a Status (kComplementFailed where the reference would raise).
-// scale = max(max diag G, tiny), shift = (1e-3·tol + 2·w·eps64)·scale (the second term covers the
-// rounding of a float64 Gram of w columns, which alone exceeds 1e-3·tol·scale for float64 inputs);
+// scale = max(max diag G, tiny), shift = (kCholqrShift·tol + 2·w·eps64)·scale (the second term covers the
+// rounding of a float64 Gram of w columns, which alone exceeds kCholqrShift·tol·scale for float64 inputs);
 // first pass: R = chol(G + shift·I), keep_j = R_jj² > tol·scale;
 // both: R' = chol(G∘(m mᵀ) + diag(1-m) + shift·diag(m)), Rinv_out = R'⁻¹·diag-rows(m).
 template <class T, class Ctx>
@@ -77,7 +77,7 @@ LRT_FN int masked_cholqr_factor(const Ctx& c, const double* G, int w, double tol
   }
   if (!finite) return kComplementFailed;  // torch.linalg.cholesky raises on non-finite input
   scale = lrt_max(scale, kDoubleTiny);
-  const double shift = (1e-3 * tol + 2.0 * w * kDoubleEps) * scale;
+  const double shift = (kCholqrShift * tol + 2.0 * w * kDoubleEps) * scale;
   if (first_pass) {
     for (int idx = c.tid; idx < w * w; idx += c.nthreads) {
       const int i = idx / w, l = idx % w;

@@ -77,7 +77,7 @@ LRT_FN int jacobi_svd_layer(const Ctx& c, const T* A, int p, int q, int max_rank
     for (int idx = c.tid; idx < p * kk; idx += c.nthreads) P_out[idx] = nan;
     for (int idx = c.tid; idx < q * kk; idx += c.nthreads) Q_out[idx] = nan;
     for (int idx = c.tid; idx < kk; idx += c.nthreads) sig_out[idx] = nan;
-    const int hi = max_rank < 0 ? kk : lrt_min(max_rank, kk);
+    const int hi = rank_cap(max_rank, kk);
     if (c.tid == 0) *rank_out = lrt_min(min_rank, hi);  // what the rule gives for NaN σ
     return kNonFinite;
   }

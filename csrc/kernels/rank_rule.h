@@ -1,4 +1,4 @@
-// The truncation rule of lrtrain.rank.tolerance_rank, for one layer (second implementation).
+// The truncation rule of lrtrain.update.rank_rule.tolerance_rank (the spec), for one layer.
 //
 //   r = min{ k : (Σ_{j>k} σ_j²)^{1/2} ≤ τ ‖σ‖₂ } + spare, capped at the numerical rank #{σ_j > p·eps·σ_1},
 //   then clamped to [min(min_rank, hi), hi], hi = min(max_rank, p).
@@ -11,8 +11,22 @@
 
 namespace lrtrain {
 
-// sigma: p singular values, descending. max_rank < 0 means "no cap"; spare: directions kept beyond the τ-rank.
-// Returns the chosen rank.
+// Number of numerically non-zero singular values: σ_j > float(p·eps)·σ_1 (sigma descending).
+template <class T>
+LRT_FN int numerical_rank(const T* sigma, int p) {
+  if (p == 0) return 0;
+  const T num_thr = T(double(p) * double(Num<T>::eps)) * sigma[0];
+  int numerical = 0;
+  for (int k = 0; k < p; ++k)
+    if (sigma[k] > num_thr) ++numerical;
+  return numerical;
+}
+
+// The largest rank a core of p singular values may get: min(max_rank, p), or p where max_rank == kNoRankCap.
+LRT_FN int rank_cap(int max_rank, int p) { return max_rank == kNoRankCap ? p : lrt_min(max_rank, p); }
+
+// sigma: p singular values, descending. max_rank == kNoRankCap means "no cap"; spare: directions kept beyond
+// the τ-rank. Returns the chosen rank.
 template <class T>
 LRT_FN int tolerance_rank(const T* sigma, int p, double tau, int min_rank, int max_rank, int spare) {
   if (p == 0) return 0;
@@ -25,25 +39,10 @@ LRT_FN int tolerance_rank(const T* sigma, int p, double tau, int min_rank, int m
     tail += double(sigma[k]) * double(sigma[k]);
     if (tail > thr) ++by_tol;
   }
-  const T num_thr = T(double(p) * double(Num<T>::eps)) * sigma[0];
-  int numerical = 0;
-  for (int k = 0; k < p; ++k)
-    if (sigma[k] > num_thr) ++numerical;
-  const int hi = max_rank < 0 ? p : lrt_min(max_rank, p);
+  const int hi = rank_cap(max_rank, p);
   const int lo = lrt_min(min_rank, hi);
-  int k = lrt_min(by_tol + spare, numerical);
+  int k = lrt_min(by_tol + spare, numerical_rank(sigma, p));
   return lrt_min(lrt_max(k, lo), hi);
-}
-
-// Number of numerically non-zero singular values (the cap above): σ_j > float(p·eps)·σ_1.
-template <class T>
-LRT_FN int numerical_rank(const T* sigma, int p) {
-  if (p == 0) return 0;
-  const T num_thr = T(double(p) * double(Num<T>::eps)) * sigma[0];
-  int numerical = 0;
-  for (int k = 0; k < p; ++k)
-    if (sigma[k] > num_thr) ++numerical;
-  return numerical;
 }
 
 }  // namespace lrtrain

@@ -91,7 +91,7 @@ class CollapseGuide:
         return "plain"
 
     def apply(self, item, values: dict, param_group: dict) -> str:
-        """Apply :meth:`decide` to a :class:`lrtrain.optim.step.LayerStep` in place; returns the branch.
+        """Apply :meth:`decide` to a :class:`lrtrain.update.spec.LayerStep` in place; returns the branch.
 
         ``values``: this batch's measurements of the layer as produced by the monitor (``bound``,
         ``within`` (E) or ``within_exact`` (E_c, preferred), ``weight_norm``; ``class_dirs`` = (class sums of the output gradients (K, m), class

@@ -1,6 +1,6 @@
 """``update_layers``: the DLRT layer update of a param group on the fused backends.
 
-Same contract as :func:`lrtrain.optim.step.reference_update_layers` (that function is the spec):
+Same contract as :func:`lrtrain.update.spec.reference_update_layers` (that function is the spec):
 items are grouped by (backend, m, n, dtype, device, raw augment setting, spare) -- plus the rank r where the
 backend stacks the layers (CUDA, the CPU's batched schedule); the default CPU schedule runs each layer on
 its own thread, so layers of any r fuse -- and each group is one call into the compiled module, which
@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..optim.step import LayerResult, LayerStep, reference_update
-from .backends import BACKENDS, NAMES, available, module
+from .backends import BACKENDS, NAMES, UpdateArgs, available, load_errors, module, native_args
+from .constants import AUGMENT_ALL
+from .spec import LAYER_INPUTS, LayerResult, LayerStep, reference_update
 
-__all__ = ["FusedResult", "update_layers", "run_group", "launch_group", "finish_group", "finite_flags", "check_backend", "MAX_SWEEPS", "CPU_OPTIONS", "MIN_CPU_GROUP"]
+__all__ = ["FusedResult", "update_layers", "run_group", "launch_group", "finish_group", "finite_flags", "check_backend",
+           "CPU_OPTIONS", "MIN_CPU_GROUP"]
 
-MAX_SWEEPS = 40  # Jacobi sweeps before a layer is handed to the reference (8-16 measured on DLRT cores)
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -40,8 +41,9 @@ def check_backend(backend: str) -> str:
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {list(NAMES)}, got {backend!r}")
     if backend in BACKENDS and not available()[backend]:
-        raise ValueError(f"backend={backend!r} is not active here (lrtrain.ext.available() = {available()}; "
-                         "built without it, or LRTRAIN_DISABLE_EXT=1); use 'auto' or 'reference'")
+        why = load_errors().get(backend, "or LRTRAIN_DISABLE_EXT=1")
+        raise ValueError(f"backend={backend!r} is not active here (lrtrain.update.available() = {available()}; "
+                         f"{why}); use 'auto' or 'reference'")
     return backend
 
 
@@ -62,9 +64,9 @@ def _route(item: LayerStep, backend: str):
 
 
 def _augment(item: LayerStep) -> int:
-    """The raw augment setting for the compiled modules: -1 for None (r new columns per side), else the cap
-    (the module takes min(r, augment) per layer, so layers of different r can share a call)."""
-    return -1 if item.augment is None else max(0, int(item.augment))
+    """The raw augment setting for the compiled modules: AUGMENT_ALL for None (r new columns per side), else
+    the cap (the module takes min(r, augment) per layer, so layers of different r can share a call)."""
+    return AUGMENT_ALL if item.augment is None else max(0, int(item.augment))
 
 
 # CPU schedule: "svd" is "lapack" (gesdd through ATen: measured faster on CPU, see
@@ -99,14 +101,14 @@ def launch_group(name: str, group: list[LayerStep], lr: float, tau: float, min_r
     mod = module(name)
     if mod is None:
         raise ValueError(f"backend {name!r} is not active here ({available()})")
-    args = [[getattr(it, f) for it in group] for f in ("U", "S_decayed", "V", "G_K", "G_L", "D_K", "D_L", "D_S")]
-    rest = ([int(it.max_rank) for it in group], _augment(group[0]), float(lr), float(tau), int(min_rank),
-            int(group[0].spare), MAX_SWEEPS)
+    inputs = [[getattr(it, f) for f in LAYER_INPUTS] for it in group]
+    args = native_args(mod, UpdateArgs(max_rank=[int(it.max_rank) for it in group], augment=_augment(group[0]),
+                                       lr=float(lr), tau=float(tau), min_rank=int(min_rank), spare=int(group[0].spare)))
     if name == "cuda":
         dev = group[0].U.device
         with torch.cuda.device(dev):
-            return mod.update_group(*args, *rest, torch.cuda.current_stream(dev).cuda_stream)
-    return mod.update_group(*args, *rest, **{**CPU_OPTIONS, **options})
+            return mod.update_group(inputs, args, torch.cuda.current_stream(dev).cuda_stream)
+    return mod.update_group(inputs, args, **{**CPU_OPTIONS, **options})
 
 
 def _cut(x: torch.Tensor, k: int, rows: bool = False) -> torch.Tensor:

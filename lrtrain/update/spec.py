@@ -33,14 +33,15 @@ For one layer with W = U S Vᵀ (U: m×r, V: n×r, S: r×r) and the base optimiz
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ..rank.truncation import tolerance_rank
+from .rank_rule import tolerance_rank
 from .linalg import orth_complement, reorthonormalize, robust_svd
 
-__all__ = ["LayerStep", "LayerResult", "augmented_core", "reference_update", "reference_update_layers",
+__all__ = ["LayerStep", "LAYER_INPUTS", "LayerResult", "augmented_core", "reference_update", "reference_update_layers",
            "transport_state"]
 
 
@@ -60,6 +61,10 @@ class LayerStep:
     max_rank: int
     augment: int | None = None  # at most this many new columns per side (None: r); set by a rank guide
     spare: int = 0  # singular directions kept beyond the τ-rank (see the module docstring, step 3)
+
+
+# The tensor inputs of a layer's update, in the order the compiled modules take them (their LAYER_INPUTS).
+LAYER_INPUTS = tuple(f.name for f in dataclasses.fields(LayerStep))[:8]
 
 
 @dataclass

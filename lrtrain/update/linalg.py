@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from .constants import CHOLQR_SHIFT, DEPENDENT_TOL_FLOAT32, DEPENDENT_TOL_FLOAT64
+
 __all__ = ["orth_complement", "reorthonormalize", "robust_svd", "dependent_tol", "column_scale"]
 
 
 def dependent_tol(dtype: torch.dtype) -> float:
-    """Relative squared distance below which a column counts as dependent: 1e-5 (fp32), 1e-12 (fp64)."""
-    return 1e-5 if torch.finfo(dtype).bits <= 32 else 1e-12
+    """Relative squared distance below which a column counts as dependent (:mod:`.constants`: 1e-5 for
+    float32 and narrower, 1e-12 for float64)."""
+    return DEPENDENT_TOL_FLOAT32 if torch.finfo(dtype).bits <= 32 else DEPENDENT_TOL_FLOAT64
 
 
 def column_scale(G: torch.Tensor) -> torch.Tensor:
@@ -41,7 +44,7 @@ def _masked_cholqr(X: torch.Tensor, keep: torch.Tensor | None = None):
     the first one's output, whose columns have norm ~1 or 0.
 
     X: (..., m, k). The Gram matrix is factorized in float64 with a shift
-    ``s = (1e-3·tol + 2k·eps64)·max diag(G)``;
+    ``s = (CHOLQR_SHIFT·tol + 2k·eps64)·max diag(G)`` (:mod:`.constants`);
     on the first pass (``keep`` is None) it is also formed in float64, so that its rounding stays far
     below the shift and the factorization never fails; columns whose squared
     distance to the span of the previous columns is below ``tol·max diag(G)`` are dropped (their
@@ -57,7 +60,7 @@ def _masked_cholqr(X: torch.Tensor, keep: torch.Tensor | None = None):
     k = G.shape[-1]
     eye = torch.eye(k, dtype=G.dtype, device=G.device)
     scale = G.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
-    shift = 1e-3 * tol + 2.0 * k * torch.finfo(torch.float64).eps  # + the rounding of a float64 Gram of k columns
+    shift = CHOLQR_SHIFT * tol + 2.0 * k * torch.finfo(torch.float64).eps  # + the rounding of a float64 Gram of k columns
     if keep is None:
         R = torch.linalg.cholesky(G + shift * scale[..., None] * eye, upper=True)
         keep = R.diagonal(dim1=-2, dim2=-1).square() > tol * scale

@@ -5,7 +5,7 @@ Given the singular values σ_1 ≥ … ≥ σ_p of the augmented core Ŝ, the ne
     r = min{ k ∈ {0..p} : (Σ_{j>k} σ_j²)^{1/2} ≤ τ · ‖σ‖_2 }          (1-based σ)
 
 i.e. the smallest rank whose discarded tail has relative Frobenius norm at most τ; it is then
-raised by ``spare`` (directions kept beyond the τ-rank, see :mod:`lrtrain.optim.step`), then
+raised by ``spare`` (directions kept beyond the τ-rank, see :mod:`lrtrain.update.spec`), then
 limited to the numerical rank (σ_j > p·eps·σ_1: singular vectors of numerically zero singular values
 are arbitrary and never kept) and clamped to [min_rank, max_rank]. Counting, for k = 0..p-1, the tails
 ``tail_k = Σ_{j>k} σ_j²`` that still exceed τ²‖σ‖² gives exactly that k (tails are non-increasing), so
