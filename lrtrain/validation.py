@@ -20,6 +20,14 @@ DLRT_HYPERPARAMETERS = ("lr", "base", "momentum", "dampening", "nesterov", "beta
                         "min_rank", "spare", "refresh")
 
 
+# torch.optim options DLRT does not implement, with the values that ask for nothing else than what DLRT does
+# (so groups copied from torch's AdamW / SGD with their defaults are accepted). ``foreach`` is an
+# implementation choice and any value is fine; other keys (a scheduler's ``initial_lr``, a user's ``name``)
+# are kept and never read.
+TORCH_OPTIONS = {"maximize": (False,), "amsgrad": (False,), "capturable": (False,), "differentiable": (False,),
+                 "fused": (None, False)}
+
+
 def real(key: str, v, lo: float, hi: float = float("inf"), hi_open: bool = False) -> float:
     """v as a finite float in [lo, hi] (or [lo, hi)); a one-element real tensor counts. TypeError for a
     non-number (bools included), ValueError out of range."""
@@ -67,6 +75,10 @@ def dlrt_group(g: dict, bases) -> None:
     for key in DLRT_HYPERPARAMETERS:
         if key not in g:
             raise ValueError(f"param group lacks {key!r}")
+    for key, fine in TORCH_OPTIONS.items():
+        if key in g and not any(g[key] is v for v in fine):
+            raise ValueError(f"{key}={g[key]!r}: DLRT does not implement {key} (allowed: "
+                             f"{' or '.join(map(repr, fine))}); remove the key")
     if not isinstance(g["base"], str) or g["base"] not in bases:
         exc = ValueError if isinstance(g["base"], str) else TypeError
         raise exc(f"base must be one of {sorted(bases)}, got {g['base']!r}")
@@ -75,6 +87,9 @@ def dlrt_group(g: dict, bases) -> None:
     mu = real("momentum", g["momentum"], 0.0, 1.0, hi_open=True)
     damp = real("dampening", g["dampening"], 0.0, 1.0)
     flag("nesterov", g["nesterov"], type_error=True)
+    if "decoupled_weight_decay" in g and g["weight_decay"] and g["decoupled_weight_decay"] != (g["base"] == "adamw"):
+        raise ValueError(f"decoupled_weight_decay={g['decoupled_weight_decay']!r}: DLRT's weight decay is decoupled "
+                         "for base='adamw' and coupled (L2) for base='sgd'; remove the key or change base")
     if g["nesterov"] and (mu <= 0 or damp != 0):
         raise ValueError(f"nesterov=True requires momentum > 0 and dampening = 0, got momentum={g['momentum']!r}, "
                          f"dampening={g['dampening']!r}")
@@ -96,13 +111,15 @@ def skipped_steps(v) -> int:
     return v
 
 
-def dlrt_state(state, params: dict, roles: dict) -> None:
+def dlrt_state(state, params: dict, roles: dict, layers: list) -> None:
     """Check a DLRT state dict's ``state`` against the optimizer's parameters before anything is loaded.
 
-    ``params``: saved index → parameter; ``roles``: id(parameter) → "U" / "S" / "V" for factor parameters.
-    Each entry must be a dict of tensors shaped like their parameter (``bias_mass``: (2, c) for U/V, (2, c, c)
-    for S), finite and floating point; second moments >= 0, bias masses in [0, 1]; ``step`` an integer >= 0,
-    ``basis_age`` an int >= 0.
+    ``params``: saved index → parameter; ``roles``: id(parameter) → "U" / "S" / "V" for factor parameters;
+    ``layers``: the saved indices (U, S, V) of each factorized layer. Each entry must be a dict of tensors
+    shaped like their parameter (``bias_mass``: (2, c) for U/V, (2, c, c) for S), finite and floating point;
+    second moments >= 0, bias masses in [0, 1]; ``step`` an integer >= 0, ``basis_age`` an int >= 0; a layer's
+    ``rank`` (in its S state) an int in [1, c], and every state tensor of the layer zero past that rank
+    (columns, and rows too for S).
     """
     if not isinstance(state, dict):
         raise ValueError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
@@ -117,6 +134,11 @@ def dlrt_state(state, params: dict, roles: dict) -> None:
             if key == "basis_age":
                 if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                     raise ValueError(f"{where} must be an int >= 0, got {v!r}")
+                continue
+            if key == "rank":
+                c = p.shape[-1]
+                if roles.get(id(p)) != "S" or isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= c:
+                    raise ValueError(f"{where} must be an int in [1, {c}] (in a factorized layer's S state), got {v!r}")
                 continue
             if key == "step":
                 n = v.item() if torch.is_tensor(v) and v.numel() == 1 else v
@@ -138,3 +160,16 @@ def dlrt_state(state, params: dict, roles: dict) -> None:
                 raise ValueError(f"{where} (a second moment) must be >= 0")
             if key == "bias_mass" and bool(((local < 0) | (local > 1.001)).any()):
                 raise ValueError(f"{where} (bias-correction weights) must be in [0, 1] (up to rounding)")
+    for iU, iS, iV in layers:
+        k = state.get(iS, {}).get("rank")
+        if k is None:
+            continue
+        for idx, two in ((iU, False), (iS, True), (iV, False)):
+            for key, v in state.get(idx, {}).items():
+                if not torch.is_tensor(v):
+                    continue
+                full = v.full_tensor() if hasattr(v, "full_tensor") else v
+                past = full[..., k:] if not two else torch.cat([full[..., k:, :].flatten(), full[..., :, k:].flatten()])
+                if bool(past.ne(0).any()):
+                    raise ValueError(f"state_dict: state[{idx!r}][{key!r}] is not zero past the layer's rank {k} "
+                                     "(a corrupt checkpoint)")

@@ -193,7 +193,9 @@ class DLRT(Optimizer):
         params = {i: p for g_saved, g in zip(state_dict["param_groups"], self.param_groups)
                   for i, p in zip(g_saved["params"], g["params"])}
         layers, _ = find_layers([p for g in self.param_groups for p in g["params"]])
-        validation.dlrt_state(state_dict.get("state"), params, {id(getattr(l, r)): r for l in layers for r in "USV"})
+        index = {id(p): i for i, p in params.items()}
+        validation.dlrt_state(state_dict.get("state"), params, {id(getattr(l, r)): r for l in layers for r in "USV"},
+                              [tuple(index[id(getattr(l, r))] for r in "USV") for l in layers])
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -207,7 +209,8 @@ class DLRT(Optimizer):
         with _autocast_off():
             plans = [self._plan(g) for g in self.param_groups]
             dropped = self._drop_nonfinite(plans)
-            pending = [compute_step(*self._slots(*plan), g, guide=self.guide, backend=self.backend)
+            fresh: dict = {}  # state of parameters stepped for the first time: stored once the step is applied
+            pending = [compute_step(*self._slots(*plan, fresh), g, guide=self.guide, backend=self.backend)
                        for g, plan in zip(self.param_groups, plans)]
             if self.nonfinite == "raise" and not all(p.finite for p in pending):
                 raise FloatingPointError("DLRT: a layer's update was non-finite (learning rate too large?); "
@@ -219,6 +222,7 @@ class DLRT(Optimizer):
                 self.skipped_steps += dropped
             for p in pending:
                 self.skipped_steps += apply_step(p)
+            self.state.update((p, st) for p, st in fresh.items() if st)
         return loss
 
     def _plan(self, group):
@@ -262,11 +266,16 @@ class DLRT(Optimizer):
             lst[:] = [o for o in lst if o is not obj]
         return len(bad)
 
-    def _slots(self, layers, plain):
-        """The functional core's inputs: Slots of the plain params, then of each layer's bias and factors."""
-        dense = [Slot(p, self.state[p], full=False) for p in plain]
-        biases = [Slot(l.bias, self.state[l.bias], full=False) if _grad(l.bias) is not None else None for l in layers]
-        return [LayerSlots(l, *(Slot(getattr(l, r), self.state[getattr(l, r)], full=True) for r in "USV"), bias=b)
+    def _slots(self, layers, plain, fresh: dict):
+        """The functional core's inputs: Slots of the plain params, then of each layer's bias and factors. A
+        parameter without state gets a new dict in ``fresh`` (not in ``self.state`` before the step applies)."""
+
+        def state(p):
+            return self.state[p] if p in self.state else fresh.setdefault(p, {})
+
+        dense = [Slot(p, state(p), full=False) for p in plain]
+        biases = [Slot(l.bias, state(l.bias), full=False) if _grad(l.bias) is not None else None for l in layers]
+        return [LayerSlots(l, *(Slot(getattr(l, r), state(getattr(l, r)), full=True) for r in "USV"), bias=b)
                 for l, b in zip(layers, biases)], dense
 
 

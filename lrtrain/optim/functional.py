@@ -68,6 +68,7 @@ class _DensePlan:
     direction: torch.Tensor
     state: dict
     owner: int | None = None
+    finite: bool = True
 
 
 @dataclass
@@ -81,7 +82,7 @@ class GroupStep:
 
     @property
     def finite(self) -> bool:
-        return all(p.finite for p in self.layers)
+        return all(p.finite for p in self.layers) and all(d.finite for d in self.dense)
 
 
 def dlrt(layers: list, params: list, group: dict, *, guide=None, backend: str = "auto", nonfinite: str = "skip") -> int:
@@ -128,6 +129,10 @@ def compute_step(layers: list, params: list, group: dict, *, guide=None, backend
     for j, ls in enumerate(layers):
         sU, sS, sV = ls.U, ls.S, ls.V
         r = ls.layer.rank
+        if sS.state.get("rank", r) != r:
+            raise ValueError(f"DLRT: the optimizer state of a {type(ls.layer).__name__} was made at rank "
+                             f"{sS.state['rank']}, the layer has rank {r}: load the model and the optimizer from the "
+                             "same checkpoint (or build a new optimizer); nothing was updated")
         D_K, D_L, D_S = dirs[3 * j: 3 * j + 3]
         new = {"U": new_states[3 * j], "V": new_states[3 * j + 1], "S": new_states[3 * j + 2]}
         S_step = rule.decayed(sS.value[:r, :r], group)
@@ -149,13 +154,20 @@ def compute_step(layers: list, params: list, group: dict, *, guide=None, backend
             plan.result = next(updated)
     for plan, ok in zip(plans, finite_flags([p.result for p in plans])):
         plan.finite = ok
-    return GroupStep(group, rule, plans, [_DensePlan(s, d, st, j) for s, d, st, j in zip(dense, ddirs, dstates, owner)])
+    # A direction can be non-finite where the gradient is not (AdamW with eps = 0 on a zero coordinate: 0/0).
+    dplans = [_DensePlan(s, d, st, j, ok) for s, d, st, j, ok in
+              zip(dense, ddirs, dstates, owner, finite_gradients(ddirs) if ddirs else [])]
+    for d in dplans:
+        if d.owner is not None and not d.finite:  # a bias goes with its layer
+            plans[d.owner].finite = False
+    return GroupStep(group, rule, plans, dplans)
 
 
 def apply_step(step: GroupStep) -> int:
     """Write a computed group step in place: factors and state into their fixed-capacity buffers (leading k
     columns, the rest zero), the layers' new ranks, the dense updates. A layer whose update is not finite is
-    left untouched (with its bias), with a warning; returns how many were."""
+    left untouched (with its bias), and so is a dense parameter whose direction is not, with a warning;
+    returns how many were."""
     rule, group = step.rule, step.group
     keys = rule.linear_keys + rule.square_keys
     skipped = 0
@@ -182,6 +194,7 @@ def apply_step(step: GroupStep) -> int:
             _buffer(sU.state, "deferred", sU.value)[:, :r].copy_(res.X_K)
             _buffer(sV.state, "deferred", sV.value)[:, :r].copy_(res.X_L)
             sS.state["basis_age"] = sS.state.get("basis_age", 0) + 1
+            sS.state["rank"] = r
             continue
         k = res.S.shape[0]
         slots = {"U": (sU, res.U, False), "S": (sS, res.S, True), "V": (sV, res.V, False)}
@@ -199,9 +212,14 @@ def apply_step(step: GroupStep) -> int:
             if "deferred" in s.state:
                 s.state["deferred"].zero_()
         sS.state["basis_age"] = 0
+        sS.state["rank"] = k  # the rank this state belongs to (checked at load and at the next step)
         ls.layer._set_rank(k)
     lr = group["lr"]
     for d in step.dense:
+        if d.owner is None and not d.finite:
+            warnings.warn("DLRT: a parameter's update direction was non-finite (eps = 0?); step skipped", RuntimeWarning)
+            skipped += 1
+            continue
         if d.owner is None or step.layers[d.owner].finite:
             s = d.slot
             s.value.copy_(rule.decayed(s.value, group).sub(d.direction, alpha=lr))

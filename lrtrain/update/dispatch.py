@@ -11,10 +11,13 @@ each layer's results are cut to its rank. Inputs may be strided views (column sl
 buffers). A layer whose status is not OK (non-finite core or result, a Jacobi SVD that did not
 converge, a Cholesky that failed) is recomputed by the reference update, so those rare cases behave
 exactly as the reference does. Layers a backend does not take (dtypes other than float32 /
-float64) use the reference.
+float64) use the reference. For the backends in :data:`SELF_CHECK` (CUDA), ``"auto"`` trusts a group key
+only after its first fused call agreed with the reference on the same input (:func:`agreement`); a key that
+disagrees is warned about once and runs the reference from then on.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +27,7 @@ from .constants import AUGMENT_ALL
 from .spec import LAYER_INPUTS, LayerResult, LayerStep, reference_update
 
 __all__ = ["FusedResult", "update_layers", "run_group", "launch_group", "finish_group", "finite_flags", "check_backend",
-           "CPU_OPTIONS", "MIN_CPU_GROUP"]
+           "agreement", "CPU_OPTIONS", "MIN_CPU_GROUP", "SELF_CHECK", "SELF_CHECK_TOL"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -77,6 +80,13 @@ CPU_OPTIONS = {"svd": "lapack", "batched": False}
 # layers in parallel, and a lone 1024×1024 rank-64 layer measured 16.8 ms fused vs 9.5 ms reference (2 threads),
 # while 2 such layers took 8.0 ms fused vs 18.0 ms reference (python benchmarks/kernels_report.py has the 12-layer case).
 MIN_CPU_GROUP = 2
+
+
+# Backends that ``"auto"`` uses for a group key (shape, dtype, device, augment, spare) only after a first-use
+# self-check of the fused update against the reference on that call's input has passed (CUDA: the kernels
+# that CI cannot run). A key that fails is warned about once and runs the reference from then on.
+SELF_CHECK = {"cuda"}
+_verdicts: dict = {}  # group key -> True (fused agrees) / False (reference from now on)
 
 
 def _batched(name: str, options: dict) -> bool:
@@ -162,27 +172,63 @@ def update_layers(items: list[LayerStep], lr: float, tau: float, min_rank: int, 
             results[i] = reference_update(item, lr, tau, min_rank)
             continue
         groups.setdefault(_group_key(name, item, _batched(name, {})), []).append(i)
-    launched = []  # (indices, outs, rank, status)
+    launched = []  # (key, indices, outs, rank, status)
     for key, idx in groups.items():
-        if backend == "auto" and key[0] == "cpu" and len(idx) < MIN_CPU_GROUP:
+        if backend == "auto" and ((key[0] == "cpu" and len(idx) < MIN_CPU_GROUP) or _verdicts.get(key) is False):
             for i in idx:
                 results[i] = reference_update(items[i], lr, tau, min_rank)
             continue
-        launched.append((idx, *launch_group(key[0], [items[i] for i in idx], lr, tau, min_rank)))
+        launched.append((key, idx, *launch_group(key[0], [items[i] for i in idx], lr, tau, min_rank)))
     by_device: dict = {}
     for g in launched:
-        by_device.setdefault(g[2].device, []).append(g)
+        by_device.setdefault(g[3].device, []).append(g)
     for gs in by_device.values():
-        info = torch.cat([t for g in gs for t in (g[2], g[3])]).tolist()  # one device→host copy
+        info = torch.cat([t for g in gs for t in (g[3], g[4])]).tolist()  # one device→host copy
         pos = 0
-        for idx, outs, rank, status in gs:
+        for key, idx, outs, rank, status in gs:
             L = len(idx)
             ranks, statuses = info[pos:pos + L], info[pos + L:pos + 2 * L]
             pos += 2 * L
             group = [items[i] for i in idx]
-            for i, res in zip(idx, finish_group(group, outs, ranks, statuses, lr, tau, min_rank)):
-                results[i] = res
+            res = finish_group(group, outs, ranks, statuses, lr, tau, min_rank)
+            if backend == "auto" and key[0] in SELF_CHECK and key not in _verdicts:
+                res = _self_check(key, group, res, lr, tau, min_rank)
+            for i, r in zip(idx, res):
+                results[i] = r
     return results
+
+
+def agreement(fused: LayerResult, ref: LayerResult) -> float:
+    """Relative distance ‖W_f − W_r‖_F / ‖W_r‖_F of two updates' weights W = U S Vᵀ (inf for different ranks),
+    in O((m + n) k²) from the factors: ‖W_f − W_r‖² = ‖S_f‖² + ‖S_r‖² − 2 tr(S_fᵀ (U_fᵀU_r) S_r (V_rᵀV_f))
+    (U, V orthonormal)."""
+    if fused.S.shape != ref.S.shape:
+        return float("inf")
+    Sf, Sr = fused.S.double(), ref.S.double()
+    cross = torch.trace(Sf.mT @ (fused.U.double().mT @ ref.U.double()) @ Sr @ (ref.V.double().mT @ fused.V.double()))
+    d2 = Sf.square().sum() + Sr.square().sum() - 2 * cross
+    return float(d2.clamp_min(0).sqrt() / Sr.square().sum().sqrt().clamp_min(torch.finfo(torch.float64).tiny))
+
+
+# Largest agreement() a first-use self-check accepts, by dtype (rounding of the two paths plus their SVDs).
+SELF_CHECK_TOL = {torch.float32: 1e-3, torch.float64: 1e-9}
+
+
+def _self_check(key: tuple, group: list, fused: list, lr: float, tau: float, min_rank: int) -> list:
+    """The first fused call of ``key``: compare with the reference on the same input; keep the verdict. Returns
+    the results to use (the reference's where the check fails)."""
+    ref = [reference_update(item, lr, tau, min_rank) for item in group]
+    pairs = [(f, r) for f, r in zip(fused, ref) if bool(torch.isfinite(r.S).all())]
+    if not pairs:  # a step that overflows is skipped either way: no verdict from it
+        return ref
+    worst = max(agreement(f, r) for f, r in pairs)
+    _verdicts[key] = ok = worst <= SELF_CHECK_TOL[group[0].U.dtype]
+    if ok:
+        return fused
+    name, m, n, dtype = key[0], key[1], key[2], key[3]
+    warnings.warn(f"lrtrain: the fused {name} update of {m}x{n} {dtype} layers disagreed with the reference on its "
+                  f"first use (relative difference {worst:.3g}); using the reference update for them", RuntimeWarning)
+    return ref
 
 
 def finite_flags(results: list[LayerResult]) -> list[bool]:

@@ -93,7 +93,20 @@ def augmented_core(item: LayerStep, lr: float):
 
 
 def reference_update(item: LayerStep, lr: float, tau: float, min_rank: int) -> LayerResult:
-    """Steps 1-3 for one layer in plain PyTorch (one host sync: the new rank)."""
+    """Steps 1-3 for one layer in plain PyTorch (one host sync: the new rank). An update that cannot be
+    computed (a non-finite direction makes a Cholesky factorization fail) returns NaN factors at rank r,
+    which callers treat like any non-finite update: skipped and counted."""
+    try:
+        return _reference_update(item, lr, tau, min_rank)
+    except torch.linalg.LinAlgError:
+        nan = float("nan")
+        U, V = item.U, item.V
+        r = U.shape[1]
+        return LayerResult(torch.full_like(U, nan), U.new_full((r, r), nan), torch.full_like(V, nan),
+                           U.new_full((r, r), nan), U.new_full((r, r), nan))
+
+
+def _reference_update(item: LayerStep, lr: float, tau: float, min_rank: int) -> LayerResult:
     U, V = item.U, item.V
     r = U.shape[1]
     Q_U, Q_V, S_hat = augmented_core(item, lr)
