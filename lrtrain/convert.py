@@ -1,29 +1,21 @@
 """Model conversion: ``lowrank`` swaps nn.Linear / nn.Conv2d (and Hugging Face's ``Conv1D``) for factorized
-layers, ``densify`` undoes it.
-
-transformers is never imported here at import time: a ``transformers.pytorch_utils.Conv1D`` is recognized
-through ``sys.modules`` (a model holding one has imported that module already).
+layers, ``densify`` undoes it. Which modules convert, and how, is said by the layer kinds
+(:mod:`lrtrain.layers.kinds`); this module walks the model, applies the conversion options and reports.
 """
 from __future__ import annotations
 
 import copy
 import fnmatch
-import sys
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from .layers import LowRankConv2d, LowRankLinear
 from .layers.factors import FactorizedMixin, _check_bool, _check_int, _check_tau
+from .layers.kinds import kind_of
 
-# Instance attribute of a LowRankLinear converted from a transformers Conv1D: densify (and
-# lrtrain.save_pretrained) turn it back into a Conv1D, whose weight is stored transposed (in, out).
-ORIGIN_ATTR = "_lrtrain_origin"
-CONV1D = "conv1d"
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
-__all__ = ["lowrank", "densify", "summary", "Summary", "active_parameters", "is_conv1d"]
+__all__ = ["lowrank", "densify", "summary", "Summary", "active_parameters"]
 
 
 @dataclass
@@ -48,18 +40,6 @@ class Summary:
 def _count(model: nn.Module) -> int:
     """Parameters of ``model``, each shared parameter counted once (as ``model.parameters()`` yields it)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def conv1d_class():
-    """``transformers.pytorch_utils.Conv1D`` if transformers has been imported, else None (never imports it)."""
-    mod = sys.modules.get("transformers.pytorch_utils")
-    return getattr(mod, "Conv1D", None) if mod is not None else None
-
-
-def is_conv1d(module) -> bool:
-    """True for a Hugging Face ``Conv1D`` (GPT-2's Linear with its weight stored as (in, out): y = x W + b)."""
-    cls = conv1d_class()
-    return cls is not None and isinstance(module, cls)
 
 
 def _aliases(model: nn.Module) -> dict:
@@ -177,7 +157,7 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
         if isinstance(child, FactorizedMixin):
             report.skipped.append((name, "already factorized"))
             return None
-        if not isinstance(child, (nn.Linear, nn.Conv2d)) and not is_conv1d(child):
+        if kind_of(child) is None:
             mats = _matrices(child)
             if mats:
                 kind = "embedding (a lookup table)" if isinstance(child, _EMBEDDINGS) else \
@@ -198,7 +178,7 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
             report.layers.append((name, f"{new.U.shape[0]} x {new.V.shape[0]}", new.rank, new.capacity))
         return new
 
-    if isinstance(model, (nn.Linear, nn.Conv2d, FactorizedMixin)) or is_conv1d(model):  # a single layer
+    if isinstance(model, FactorizedMixin) or kind_of(model) is not None:  # a single layer
         new = visit("", model, None)
         if new is not None:
             model = new
@@ -219,16 +199,14 @@ def lowrank(model: nn.Module, rank: int | None = None, tau: float | None = None,
 
 
 def _convert(child, parent, rank, tau, max_rank, capacity, min_features):
-    """(new layer, None) or (None, why it stays dense) for an nn.Linear / nn.Conv2d / Conv1D ``child``."""
+    """(new layer, None) or (None, why it stays dense) for a dense ``child`` of a layer kind."""
     if isinstance(parent, nn.MultiheadAttention):
         return None, "used by nn.MultiheadAttention"
-    if isinstance(child, nn.Conv2d) and (child.groups != 1 or child.padding_mode != "zeros" or isinstance(child.padding, str)):
-        return None, "grouped / non-zero-padded / string-padded conv"
-    w = child.weight
-    conv1d = is_conv1d(child)
-    if w.dim() != (2 if conv1d or isinstance(child, nn.Linear) else 4):
-        return None, f"unexpected weight shape {tuple(w.shape)}"
-    out_f, in_f = (w.shape[1], w.shape[0]) if conv1d else (w.shape[0], w[0].numel())
+    kind = kind_of(child)
+    why = kind.refusal(child)
+    if why is not None:
+        return None, why
+    out_f, in_f = kind.weight_matrix(child).shape
     full = min(out_f, in_f)
     if full < min_features:
         return None, f"min(out, in) = {full} < min_features = {min_features}"
@@ -238,43 +216,18 @@ def _convert(child, parent, rank, tau, max_rank, capacity, min_features):
         return None, f"rank {r} would not save parameters"
     cap = None if capacity is None else min(capacity, full)
     mr = None if max_rank is None else min(max_rank, full)
-    if conv1d:
-        new = _from_conv1d(child, rank=r, tau=tau, max_rank=mr, capacity=cap)
-    else:
-        cls = LowRankLinear if isinstance(child, nn.Linear) else LowRankConv2d
-        new = cls.from_dense(child, rank=r, tau=tau, max_rank=mr, capacity=cap)
+    new = kind.from_dense(child, rank=r, tau=tau, max_rank=mr, capacity=cap)
     if new.rank * (out_f + in_f) + new.rank ** 2 >= out_f * in_f:
         return None, f"rank {new.rank}{' (from tau)' if tau is not None else ''} would not save parameters"
     return new, None
 
 
-def _from_conv1d(layer: nn.Module, rank: int | None, tau: float | None, max_rank: int | None,
-                 capacity: int | None) -> LowRankLinear:
-    """A LowRankLinear from the truncated SVD of a Conv1D's transposed weight (see LowRankLinear.from_weight)."""
-    new = LowRankLinear.from_weight(layer.weight.detach().mT, layer.bias, rank=rank, tau=tau, max_rank=max_rank,
-                                    capacity=capacity)  # Conv1D: weight (in, out), y = x W + b
-    setattr(new, ORIGIN_ATTR, CONV1D)
-    return new
-
-
-def _to_conv1d(layer: LowRankLinear) -> nn.Module:
-    """The transformers Conv1D computing the same function as ``layer`` (its weight is U S Vᵀ transposed)."""
-    from transformers.pytorch_utils import Conv1D  # only reached for layers converted from a Conv1D
-
-    w = layer.U
-    dense = Conv1D(layer.out_features, layer.in_features).to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(layer.dense_weight().mT)
-        if layer.bias is None:
-            dense.bias = None
-        else:
-            dense.bias.copy_(layer.bias)
-    return dense
-
-
-def to_dense_layer(layer: FactorizedMixin) -> nn.Module:
-    """The dense layer a factorized one came from: nn.Linear, nn.Conv2d, or a Conv1D for Conv1D-origin layers."""
-    return _to_conv1d(layer) if getattr(layer, ORIGIN_ATTR, None) == CONV1D else layer.to_dense()
+def _to_dense(layer: FactorizedMixin) -> nn.Module:
+    """The dense layer a factorized one came from (by its kind: nn.Linear, nn.Conv2d or a Conv1D)."""
+    kind = kind_of(layer)
+    if kind is None:
+        raise TypeError(f"factorized layer of unknown type {type(layer).__name__}")
+    return kind.to_dense(layer)
 
 
 def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
@@ -285,13 +238,13 @@ def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     if isinstance(model, FactorizedMixin):
-        return to_dense_layer(model)
+        return _to_dense(model)
     done: dict = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, FactorizedMixin):
                 if id(child) not in done:
-                    done[id(child)] = (child, to_dense_layer(child))  # keep child alive: ids stay unique
+                    done[id(child)] = (child, _to_dense(child))  # keep child alive: ids stay unique
                 setattr(parent, child_name, done[id(child)][1])
     return model
 

@@ -28,7 +28,8 @@ import numbers
 
 import torch
 
-from .layers.factors import ROLES, live_layers
+from .layers.factors import ROLES
+from .layers.links import factor_of_view
 
 __all__ = ["get_ema_multi_avg_fn", "average_factored"]
 
@@ -60,16 +61,13 @@ def get_ema_multi_avg_fn(decay: float = 0.999):
 
     @torch.no_grad()
     def ema_update(ema_params, model_params, num_averaged):
-        # The averaged model's tensors are detached views of its parameters: find its layers by storage.
-        where = {}
-        for layer in live_layers():
-            for role in ROLES:
-                where[getattr(layer, role).data_ptr()] = (layer, role)
+        # The averaged model's tensors are detached views of its parameters: its layers are found through
+        # the parameters' storages, which carry the links (lrtrain.layers.links).
         layers: dict = {}
         rest = []
         for i, t in enumerate(ema_params):
-            hit = where.get(t.data_ptr())
-            if hit is not None and t.shape == getattr(hit[0], hit[1]).shape:
+            hit = factor_of_view(t)
+            if hit is not None:
                 layers.setdefault(id(hit[0]), (hit[0], {}))[1][hit[1]] = i
             else:
                 rest.append(i)

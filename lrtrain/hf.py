@@ -26,9 +26,9 @@ import re
 import torch
 from torch import nn
 
-from .convert import CONV1D, ORIGIN_ATTR, _aliases, is_conv1d
-from .layers import LowRankConv2d, LowRankLinear
+from .convert import _aliases
 from .layers.factors import FactorizedMixin
+from .layers.kinds import KINDS, kind_named, kind_of
 
 __all__ = ["save_pretrained", "from_pretrained", "LAYERS_FILE"]
 
@@ -67,19 +67,13 @@ def _weights_file(directory: str, variant: str | None) -> str:
 
 
 def _record(name: str, layer: FactorizedMixin) -> dict:
-    """The json entry of one factorized layer: enough to rebuild its structure (the tensors come from the weights)."""
-    rec = {"name": name, "rank": layer.rank, "capacity": layer.capacity, "max_rank": layer.max_rank,
-           "bias": layer.bias is not None}
-    if isinstance(layer, LowRankLinear):
-        rec["kind"] = CONV1D if getattr(layer, ORIGIN_ATTR, None) == CONV1D else "linear"
-        rec.update(in_features=layer.in_features, out_features=layer.out_features)
-    elif isinstance(layer, LowRankConv2d):
-        rec["kind"] = "conv2d"
-        rec.update(in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=list(layer.kernel_size),
-                   stride=list(layer.stride), padding=list(layer.padding), dilation=list(layer.dilation))
-    else:
+    """The json entry of one factorized layer: enough to rebuild its structure (the tensors come from the weights):
+    name, rank, capacity, max_rank, bias, kind and the kind's structure fields."""
+    kind = kind_of(layer)
+    if kind is None:
         raise TypeError(f"{name}: factorized layer of unknown type {type(layer).__name__}")
-    return rec
+    return {"name": name, "rank": layer.rank, "capacity": layer.capacity, "max_rank": layer.max_rank,
+            "bias": layer.bias is not None, "kind": kind.name, **kind.structure(layer)}
 
 
 def save_pretrained(model: nn.Module, directory, **kwargs) -> str | None:
@@ -188,7 +182,7 @@ def _int(rec: dict, key: str, lo: int = 1) -> int:
 def _rebuild(model: nn.Module, rec: dict) -> FactorizedMixin:
     """Replace the dense layer named in ``rec`` by a factorized one of the recorded structure (rank 1 until the
     state dict sets it) and return it; its type and shape must match the dense layer's."""
-    name, kind = rec.get("name"), rec.get("kind")
+    name, kind_name = rec.get("name"), rec.get("kind")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{LAYERS_FILE}: bad layer name {name!r}")
     try:
@@ -199,30 +193,17 @@ def _rebuild(model: nn.Module, rec: dict) -> FactorizedMixin:
     bias = rec.get("bias")
     if not isinstance(bias, bool):
         raise ValueError(f"{LAYERS_FILE}: layer {name!r}: bias must be true or false, got {bias!r}")
+    kind = kind_named(kind_name)
+    if kind is None:
+        known = ", ".join(k.name for k in KINDS)
+        raise ValueError(f"{LAYERS_FILE}: layer {name!r}: unknown kind {kind_name!r} ({known})")
+    structure = {k: rec.get(k) for k in kind.fields}
+    if not kind.covers(old) or kind.dense_structure(old) != structure:
+        raise ValueError(f"{LAYERS_FILE}: layer {name!r} was a {kind.name} {structure}; the model has {old!r}")
     dev, dt = next(old.parameters()).device, next(old.parameters()).dtype
     # Built in float32 and cast: the layers' random init (a QR) has no bfloat16 / float16 kernel on the CPU.
-    build = dict(device=dev, dtype=torch.float32 if dt in (torch.bfloat16, torch.float16) else dt)
-    if kind in ("linear", CONV1D):
-        n_in, n_out = _int(rec, "in_features"), _int(rec, "out_features")
-        if kind == CONV1D:
-            ok = is_conv1d(old) and tuple(old.weight.shape) == (n_in, n_out)
-        else:
-            ok = isinstance(old, nn.Linear) and (old.in_features, old.out_features) == (n_in, n_out)
-        if not ok:
-            raise ValueError(f"{LAYERS_FILE}: layer {name!r} was a {kind} {n_in} -> {n_out}; the model has {old!r}")
-        new = LowRankLinear(n_in, n_out, 1, max_rank=max_rank, bias=bias, capacity=capacity, **build)
-        if kind == CONV1D:
-            setattr(new, ORIGIN_ATTR, CONV1D)
-    elif kind == "conv2d":
-        geo = {k: rec.get(k) for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")}
-        same = isinstance(old, nn.Conv2d) and (old.in_channels, old.out_channels) == (geo["in_channels"], geo["out_channels"])
-        if not same or any(list(getattr(old, k)) != geo[k] for k in ("kernel_size", "stride", "padding", "dilation")):
-            raise ValueError(f"{LAYERS_FILE}: layer {name!r} was a conv2d {geo}; the model has {old!r}")
-        new = LowRankConv2d(geo["in_channels"], geo["out_channels"], tuple(geo["kernel_size"]), 1, tuple(geo["stride"]),
-                            tuple(geo["padding"]), tuple(geo["dilation"]), bias=bias, max_rank=max_rank,
-                            capacity=capacity, **build)
-    else:
-        raise ValueError(f"{LAYERS_FILE}: layer {name!r}: unknown kind {kind!r} (linear, conv1d, conv2d)")
+    new = kind.build(kind.dense_structure(old), bias=bias, max_rank=max_rank, capacity=capacity, device=dev,
+                     dtype=torch.float32 if dt in (torch.bfloat16, torch.float16) else dt)
     new.to(dtype=dt)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

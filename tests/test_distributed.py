@@ -180,6 +180,8 @@ def _fsdp2_worker(rank, X, Y, steps, hp, poison):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    from lrtrain.optim.params import find_layers
+
     mesh = init_device_mesh("cpu", (WORLD,))
     model = _model()
     for m in model:
@@ -188,6 +190,8 @@ def _fsdp2_worker(rank, X, Y, steps, hp, poison):
     fully_shard(model, mesh=mesh)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     assert all(isinstance(getattr(l, r), DTensor) for l in _layers(model) for r in "USV")
+    # fully_shard replaced the factors by DTensor parameters; they are linked to their layers as well
+    assert find_layers(model.parameters())[0] == _layers(model)
     named = dict(model.named_parameters())
     opt = lrtrain.DLRT(model.parameters(), **hp)
     out = dict(loss=[], ranks=[[l.rank for l in _layers(model)]], params=[], warned=0)

@@ -1,6 +1,7 @@
 """Offline, exact collapse measurements of a trained model on a whole data set.
 
-:func:`full_data_collapse` evaluates, for every Linear/Conv2d layer (dense or factorized), the objective
+:func:`full_data_collapse` evaluates, for every layer the collapse monitor covers (Linear, Conv2d, Conv1D; dense or
+factorized), the objective
 
     F(W) = (1/N) Σ_i ℓ_i + (λ/2) ‖W‖_F²        over all N samples of the data set,
 
@@ -26,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import batches
-from ..layers.conv import LowRankConv2d
 from ..layers.factors import FactorizedMixin
-from ..rank.truncation import tolerance_rank
+from ..layers.kinds import kind_of
+from ..update.rank_rule import tolerance_rank
 from .monitor import unmonitored
 from .stats import ClassStats, check_labels, one_hot
 
@@ -37,10 +37,10 @@ __all__ = ["dense_weight", "numerical_rank", "tau_rank", "tail", "full_data_coll
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """W (out × in_flat) of a Linear/Conv2d layer, dense or factorized (detached)."""
+    """W (out × in_flat) of a layer of a layer kind (Linear, Conv2d, Conv1D), dense or factorized (detached)."""
     if isinstance(module, FactorizedMixin):
         return module.dense_weight().detach()
-    return module.weight.detach().reshape(module.weight.shape[0], -1)
+    return kind_of(module).weight_matrix(module).detach()
 
 
 def numerical_rank(sigma: torch.Tensor, rel: float = 1e-3) -> int:
@@ -96,16 +96,10 @@ def full_data_collapse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     state: dict = {}
 
     def fwd(name, mod):
-        conv = isinstance(mod, (nn.Conv2d, LowRankConv2d))
+        kind = kind_of(mod)
 
         def hook(module, inputs, output):
-            xin = inputs[0].detach()
-            if conv:
-                cols = F.unfold(xin, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-                X, per = cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.shape[2]
-            else:
-                X = xin.reshape(-1, xin.shape[-1])
-                per = X.shape[0] // xin.shape[0]
+            X, per = kind.embed(mod, inputs[0].detach())
             yb = state["y"]
             if per not in state["onehot"]:
                 state["onehot"][per] = one_hot(yb if per == 1 else yb.repeat_interleave(per), K, torch.float64, check=False)
@@ -116,13 +110,13 @@ def full_data_collapse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
             a["XtX"] += Xd.mT @ Xd
             a["rows"] += X.shape[0]
             cur[name] = Xd
-            output.register_hook(lambda g: _on_grad(name, g, conv))
+            output.register_hook(lambda g: _on_grad(name, g, kind))
 
         return hook
 
-    def _on_grad(name, g, conv):
+    def _on_grad(name, g, kind):
         X = cur.pop(name)
-        G = (g.detach().movedim(1, -1).reshape(-1, g.shape[1]) if conv else g.detach().reshape(-1, g.shape[-1])).double()
+        G = kind.output_rows(g.detach()).double()
         a = acc[name]
         a["GW"] += G.mT @ X
         a["GtG"] += G.mT @ G
@@ -138,7 +132,7 @@ def full_data_collapse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
     try:
         for p in saved:
             p.grad = None
-        for xb, yb in batches(x, y, batch_size, shuffle=False):
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             state["y"], state["onehot"] = yb, {}
             loss = loss_fn(model(xb), yb) * (yb.shape[0] / N)
             loss.backward()

@@ -2,10 +2,11 @@
 
 For a layer z = W x + b (W: m × n; Conv2d: W is the kernel reshaped to out × in·kh·kw) and one batch:
 
-* embeddings x_j: the layer's inputs, one row per sample (Linear; inputs with extra leading dims
-  (N, T, n) give N·T rows, each labelled with its sample's class) or one row per output position
-  (Conv2d: the unfolded input patches, ``F.unfold``, each labelled with its image's class — the
-  matrix the convolution multiplies by W, so z_j = W x_j + b holds row by row);
+* embeddings x_j: the layer's inputs, one row per sample (Linear, Hugging Face Conv1D; inputs with extra
+  leading dims (N, T, n) give N·T rows, each labelled with its sample's class) or one row per output
+  position (Conv2d: the unfolded input patches, ``F.unfold``, each labelled with its image's class — the
+  matrix the convolution multiplies by W, so z_j = W x_j + b holds row by row); each layer kind says
+  which (:meth:`lrtrain.layers.kinds.LayerKind.embed`);
 * output gradients g_j = ∂L/∂z_j of the scalar L that was backpropagated, stacked into G (rows × m).
   With L the mean loss over the N samples of the batch, the paper's per-sample gradients are
   δ_j = N·g_j, i.e. Δ = N·G and (1/N)‖Δ‖₂ = ‖G‖₂;
@@ -50,27 +51,26 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers.conv import LowRankConv2d
 from ..layers.factors import FactorizedMixin
-from ..layers.linear import LowRankLinear
+from ..layers.kinds import kind_of
 from .spectral import SpectralNorm
 from .stats import ClassStats, check_labels, nc1_from_terms, nc1_terms, one_hot
 
 __all__ = ["CollapseMonitor", "LayerCollapse"]
 
+NOT_A_LAYER = "not a Linear / Conv2d layer"
 
 
 def unmonitored(mod: nn.Module) -> str | None:
-    """Why the collapse measurements do not cover ``mod``; None for a Linear/Conv2d layer (dense or factorized)
-    they do cover (a Conv2d must be ungrouped with numeric zero padding: its unfolded patches are its inputs)."""
-    if not isinstance(mod, (nn.Linear, nn.Conv2d, LowRankLinear, LowRankConv2d)):
-        return "not a Linear / Conv2d layer"
-    if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
-        return "grouped / non-zero-padded / string-padded conv"
-    return None
+    """Why the collapse measurements do not cover ``mod``; None for a layer of a layer kind (dense or factorized)
+    they do cover: NOT_A_LAYER for other modules, the kind's refusal for a dense layer (a Conv2d must be
+    ungrouped with numeric zero padding: its unfolded patches are its inputs)."""
+    kind = kind_of(mod)
+    if kind is None:
+        return NOT_A_LAYER
+    return None if isinstance(mod, FactorizedMixin) else kind.refusal(mod)
 
 
 def _weights(mod: nn.Module) -> list:
@@ -89,7 +89,7 @@ class LayerCollapse:
     """
 
     name: str
-    kind: str
+    kind: str  # the embedding: "linear" (the input's rows) or "conv" (unfolded patches)
     factorized: bool
     in_dim: int
     out_dim: int
@@ -170,11 +170,11 @@ class _Layer:
     def __init__(self, monitor, name: str, module: nn.Module):
         self.monitor, self.name, self.module = monitor, name, module
         self.factorized = isinstance(module, FactorizedMixin)
-        self.kind = "conv" if isinstance(module, (nn.Conv2d, LowRankConv2d)) else "linear"
+        self.layer_kind = kind_of(module)
         if self.factorized:
             self.out_dim, self.in_dim = module.U.shape[0], module.V.shape[0]
         else:
-            self.out_dim, self.in_dim = module.weight.shape[0], module.weight[0].numel()
+            self.out_dim, self.in_dim = self.layer_kind.weight_matrix(module).shape
         self.spectral = SpectralNorm(monitor.spectral, monitor.power_iters, monitor.power_block)
         self.roles = ("U", "S", "V") if self.factorized else ("weight",)
         self.record: _Record | None = None
@@ -202,15 +202,6 @@ class _Layer:
         self.last_record: _Record | None = None
 
     # ------------------------------------------------------------------ hooks
-    def _embed(self, x: torch.Tensor):
-        """(rows, d) embedding matrix and the number of rows per sample."""
-        m = self.module
-        if self.kind == "conv":
-            cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, d, P)
-            return cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.shape[2]
-        X = x.reshape(-1, x.shape[-1])
-        return X, X.shape[0] // max(x.shape[0], 1)
-
     def _make_forward(self, monitor):
         def hook(module, inputs, output):
             lab = monitor._labels
@@ -222,7 +213,7 @@ class _Layer:
             if x.shape[0] != lab.shape[0]:
                 raise ValueError(f"CollapseMonitor: labels have {lab.shape[0]} entries but layer {self.name!r} "
                                  f"received a batch of {x.shape[0]}; call set_labels with this batch's labels")
-            X, per = self._embed(x)
+            X, per = self.layer_kind.embed(self.module, x)
             onehot, counts, inv = monitor._onehot(X.dtype, per)
             sums = onehot.mT @ X
             means = sums * inv[:, None]
@@ -252,7 +243,7 @@ class _Layer:
 
     def _on_grad(self, g: torch.Tensor, rec: _Record):
         g = g.detach()
-        G = g.movedim(1, -1).reshape(-1, g.shape[1]) if self.kind == "conv" else g.reshape(-1, g.shape[-1])
+        G = self.layer_kind.output_rows(g)
         rec.gspec = self.spectral(G)
         if self.factorized and rec.onehot is not None and rec.onehot.shape[0] == G.shape[0]:
             rec.gsums = rec.onehot.to(G.dtype).mT @ G  # (K, m): the column space of the rank-K term (guide)
@@ -355,8 +346,9 @@ class CollapseMonitor:
     """Per-layer within-class variability, ‖Δ‖ and the rank-collapse bound, measured during training.
 
     Args:
-        model: the module whose nn.Linear / nn.Conv2d / LowRankLinear / LowRankConv2d layers are watched
-            (Conv2d: groups = 1, zero, numeric padding; others are listed in ``skipped``).
+        model: the module whose layers of a layer kind (:mod:`lrtrain.layers.kinds`: nn.Linear, nn.Conv2d,
+            Hugging Face Conv1D, and the factorized LowRankLinear / LowRankConv2d) are watched (Conv2d: groups = 1,
+            zero, numeric padding; a refused layer of a known kind is listed in ``skipped``).
         num_classes: K >= 2.
         weight_decay: λ >= 0 of the objective L + (λ/2)‖W‖² used for ‖R‖ and the bound in
             :meth:`summary`; None: taken from the optimizer's param group the first time DLRT calls
@@ -420,7 +412,7 @@ class CollapseMonitor:
                 skipped.append((name, "frozen (a weight parameter does not require grad)"))
             elif reason is None:
                 watch.append((name, mod))
-            elif isinstance(mod, nn.Conv2d):
+            elif reason != NOT_A_LAYER:  # a layer of a known kind that the measurements cannot cover
                 skipped.append((name, reason))
         if wanted is not None and wanted - {n for n, _ in watch}:
             raise ValueError(f"layers: no supported Linear/Conv2d layer named {sorted(wanted - {n for n, _ in watch})}")
@@ -543,7 +535,7 @@ class CollapseMonitor:
             avg = lambda key, n: float(l.sums[key]) / n if n else nan  # noqa: E731
             last = l.values(l.last_record, self.weight_decay)
             out[name] = LayerCollapse(
-                name=name, kind=l.kind, factorized=l.factorized, in_dim=l.in_dim, out_dim=l.out_dim,
+                name=name, kind=l.layer_kind.embedding, factorized=l.factorized, in_dim=l.in_dim, out_dim=l.out_dim,
                 batches=l.batches, backward_batches=nbd, samples=l.samples, rows=l.rows,
                 counts=st.count.clone() if st else torch.zeros(K, dtype=torch.float64),
                 class_sums=st.sums if st else torch.zeros(K, l.in_dim, dtype=torch.float64),

@@ -23,28 +23,24 @@ Gradient convention (DLRT): after ``backward()``, ``U.grad[:, :r]`` holds ∂L/�
 the inactive parts are zero. These are not ∂L/∂U and ∂L/∂V, so any torch optimizer other than
 ``lrtrain.DLRT`` refuses factor parameters (:mod:`lrtrain.optim.guard`).
 
-Every live factorized layer is listed in a weak registry (:func:`live_layers`), which is how DLRT finds
-a layer's U, S, V among ``model.parameters()`` even after DDP or FSDP2 re-wrapped the parameters.
+Each current U, S, V is linked to its layer (:mod:`.links`), which is how DLRT, the optimizer guard and
+the EMA find a layer from the parameters (or detached views) they are given, after DDP or FSDP2 wrapped
+the model, in deep and EMA copies and after unpickling; there is no registry of layers.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import sys
-import weakref
 
 import torch
 from torch import nn
 
-__all__ = ["FactorizedMixin", "live_layers", "default_capacity", "rank_probe", "ROLES", "truncated_svd_factors"]
+from .links import link
+
+__all__ = ["FactorizedMixin", "default_capacity", "rank_probe", "ROLES", "truncated_svd_factors"]
 
 ROLES = ("U", "S", "V")
-_LIVE: "weakref.WeakSet[FactorizedMixin]" = weakref.WeakSet()
-
-
-def live_layers() -> list:
-    """Every factorized layer alive in this process (models, their deep copies, EMA copies)."""
-    return list(_LIVE)
 
 
 def default_capacity(rank: int, full: int, max_rank: int | None = None) -> int:
@@ -126,7 +122,6 @@ class FactorizedMixin:
         self._max_rank = max_rank
         with torch.no_grad():
             self.write_factors(U, S, V)
-        _LIVE.add(self)
 
     def _allocate(self, out_f: int, in_f: int, capacity: int, device, dtype) -> None:
         kw = dict(device=device, dtype=dtype)
@@ -145,9 +140,31 @@ class FactorizedMixin:
         bound = 1.0 / math.sqrt(fan_in)
         self.bias = nn.Parameter(torch.empty(out_f, device=device, dtype=dtype).uniform_(-bound, bound))
 
-    def __setstate__(self, state):  # deepcopy / unpickling: the copy is a live layer too
+    # ------------------------------------------------------------------ links to the factors (see .links)
+    def _link_factors(self) -> None:
+        """Link the current U, S and V to this layer."""
+        for role in ROLES:
+            p = self._parameters.get(role)
+            if p is not None:
+                link(p, self, role)
+
+    def __setattr__(self, name, value):
+        # Every assignment of a factor links it. (FSDP2's fully_shard assigns its sharded parameters through
+        # setattr on a module that defines __setattr__; on one that does not, it writes _parameters directly.)
+        super().__setattr__(name, value)
+        if name in ROLES and isinstance(value, nn.Parameter):
+            link(value, self, name)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .double(), ...: the factors may be new Parameter objects, or have their contents (and
+        # attributes) swapped under torch.__future__.set_swap_module_params_on_conversion.
+        out = super()._apply(fn, recurse)
+        self._link_factors()
+        return out
+
+    def __setstate__(self, state):  # deepcopy / unpickling: the copy's factors are linked to the copy
         super().__setstate__(state)
-        _LIVE.add(self)
+        self._link_factors()
 
     # ------------------------------------------------------------------ rank and capacity
     @property
@@ -321,7 +338,7 @@ def truncated_svd_factors(W: torch.Tensor, rank: int | None, tau: float | None):
 
     Returns U (out, r), S = diag(σ_1..σ_r), V (in_flat, r).
     """
-    from ..rank.truncation import tolerance_rank  # local import: rank/ depends on nothing here
+    from ..update.rank_rule import tolerance_rank  # local import: update/ depends on nothing here
 
     if rank is None and tau is None:
         raise ValueError("give rank (an int >= 1) or tau (a float >= 0)")

@@ -4,8 +4,8 @@
 with K = U S, L = V Sᵀ; see :mod:`lrtrain.layers.factors`), not ∂L/∂U and ∂L/∂V, and an update that is
 not the DLRT step breaks the orthonormality of U and V. A global optimizer step pre-hook (installed on
 import of lrtrain) makes any other ``torch.optim.Optimizer`` raise at its step, before it changes anything,
-when its param groups hold such a parameter. Each optimizer is checked again only when its number of
-parameters changes.
+when its param groups hold such a parameter (a factor is recognized by its link to its layer,
+:mod:`lrtrain.layers.links`). Each optimizer is checked again only when its number of parameters changes.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import weakref
 
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..layers.factors import ROLES, live_layers
+from ..layers.links import factor_of
 
 __all__ = ["install"]
 
@@ -29,11 +29,11 @@ def _refuse_factor_params(optimizer, args, kwargs):
     n = sum(len(g["params"]) for g in optimizer.param_groups)
     if _checked.get(optimizer) == n:
         return None
-    factors = {id(getattr(l, r)): (l, r) for l in live_layers() for r in ROLES}
     for g in optimizer.param_groups:
         for p in g["params"]:
-            if id(p) in factors:
-                layer, role = factors[id(p)]
+            hit = factor_of(p)
+            if hit is not None:
+                layer, role = hit
                 raise RuntimeError(
                     f"{type(optimizer).__name__} was given the factor {role} of a {type(layer).__name__}: its .grad "
                     "holds DLRT's coordinates (dL/dK, dL/dS, dL/dL), not dL/d" + role + ", and only lrtrain.DLRT "

@@ -1,7 +1,8 @@
 """How DLRT reads and writes parameters: plain, low precision (fp32 masters) and FSDP2 (DTensor) alike.
 
 * :func:`find_layers` -- the factorized layers whose U, S, V are in a parameter list, found through the
-  layers (:func:`lrtrain.layers.live_layers`), so it works after DDP or FSDP2 re-wrapped the parameters.
+  parameters themselves (each factor links to its layer, :mod:`lrtrain.layers.links`; FSDP2's DTensor
+  factors too), so only the layers of the parameters given are found.
 * :func:`fsdp1_kind` -- whether a parameter belongs to FSDP1 (``FullyShardedDataParallel``), which DLRT
   refuses: its flat parameters hide U, S, V, and its original-parameter views (``use_orig_params=True``)
   are 1-D shards of a flat buffer.
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.factors import ROLES, live_layers
+from ..layers.factors import ROLES
+from ..layers.links import factor_of
 
 __all__ = ["find_layers", "Slot", "is_dtensor", "fsdp1_kind", "LOW_PRECISION"]
 
@@ -44,11 +46,14 @@ def find_layers(params) -> tuple[list, list]:
     joins it when present) and the other parameters. A layer with only some of U, S, V raises."""
     params = list(params)
     ids = {id(p): i for i, p in enumerate(params)}
+    found = {}  # id(layer) -> layer, each layer once
+    for p in params:
+        hit = factor_of(p)
+        if hit is not None:
+            found.setdefault(id(hit[0]), hit[0])
     layers, taken = [], set()
-    for layer in live_layers():
+    for layer in found.values():
         present = [r for r in ROLES if id(getattr(layer, r)) in ids]
-        if not present:
-            continue
         if len(present) != len(ROLES):
             missing = [r for r in ROLES if r not in present]
             raise ValueError(f"params: a factorized layer is partly missing (no {', '.join(missing)}); pass all of U, S and V")
@@ -56,7 +61,7 @@ def find_layers(params) -> tuple[list, list]:
         taken.update(id(getattr(layer, r)) for r in ROLES)
         if layer.bias is not None and id(layer.bias) in ids:
             taken.add(id(layer.bias))
-    layers.sort(key=lambda l: ids[id(l.U)])  # parameter order, not registry order: every replica alike
+    layers.sort(key=lambda l: ids[id(l.U)])  # the order of the U's: every replica alike
     return layers, [p for p in params if id(p) not in taken]
 
 
