@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import lrtrain  # noqa: E402
-from lrtrain.models import mlp  # noqa: E402
+from lrtrain.cli.models import mlp  # noqa: E402
 
 
 def import_baseline(path: str):

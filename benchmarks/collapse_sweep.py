@@ -21,7 +21,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,16 +28,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import lrtrain
-import lrtrain.rank
-from lrtrain.collapse.analysis import full_data_collapse
-from lrtrain.data import batches, load_idx
-from lrtrain.models import mlp
-from lrtrain.train import evaluate, ranks
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests/test_collapse.py): find harness
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
-OUT = ROOT / "benchmarks" / "results"
+import lrtrain  # noqa: E402
+import lrtrain.rank  # noqa: E402
+from harness import MNIST_DIR  # noqa: E402
+from harness.machine import machine_info  # noqa: E402
+from lrtrain.collapse.analysis import full_data_collapse  # noqa: E402
+from lrtrain.cli.data import batches, load_idx  # noqa: E402
+from lrtrain.cli.models import mlp  # noqa: E402
+from lrtrain.cli.train import evaluate, ranks  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results"
 K = 10
 
 
@@ -93,7 +95,9 @@ def sweep_point(data, lam: float, epochs: int, lowrank: bool, lr: float = 0.05, 
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    """The machine in one line: CPU model, cores, torch version and threads."""
+    m = machine_info()
+    return f"{m['cpu']}, {m['cores']} CPU cores, torch {m['torch']}, {m['torch_threads']} threads"
 
 
 def run_sweep(args) -> None:
@@ -340,7 +344,7 @@ def run_overhead(args) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["sweep", "guided", "overhead"])
-    p.add_argument("--data", type=Path, default=MNIST)
+    p.add_argument("--data", type=Path, default=MNIST_DIR)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--quick", action="store_true", help="small smoke version")
     p.add_argument("--lambdas", default="1e-4,5e-4,1e-3,2e-3,5e-3")

@@ -5,15 +5,21 @@ Sizes can be narrowed for a quick pass with environment variables (defaults are 
 ``LRTRAIN_BENCH_STEP_MODELS`` ("1024-1024-1024@256:64 2048-2048-2048@128:64,128"),
 ``LRTRAIN_BENCH_EPOCHS`` (1; the full end-to-end comparison is 5).
 A summary (speedup vs FLOP-ideal, end-to-end wall/accuracy/memory) is printed after the run.
+The shared benchmark code is ``harness`` (benchmarks/harness/), importable because this directory is on ``sys.path``.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import MNIST_DIR  # noqa: E402
+
 _SUMMARY = pytest.StashKey[list]()
 
 
@@ -41,7 +47,7 @@ def timings() -> dict:
 @pytest.fixture(scope="session")
 def mnist():
     """Real MNIST from ../shared/data/mnist (skipped when absent)."""
-    from lrtrain.data import load_idx
+    from lrtrain.cli.data import load_idx
 
     if not MNIST_DIR.is_dir():
         pytest.skip(f"MNIST not found at {MNIST_DIR}")

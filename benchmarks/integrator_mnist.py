@@ -1,7 +1,7 @@
 """MNIST runs of the rank-adaptive step: accuracy against dense AdamW at its learning rate, the basis refresh
 interval, and start-rank (in)dependence.
 
-MLP 784-400-400-400-10 on real MNIST (``../shared/data/mnist``: 17,435 train / 10,000 test images), AdamW
+MLP 784-400-400-400-10 on real MNIST (``--data``, default ``../shared/data/mnist``: 17,435 train / 10,000 test images), AdamW
 lr 1e-3 (dense's) and no weight decay for every run, batch 128, 3 epochs, one thread:
 
 * dense AdamW;
@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 import lrtrain
-from lrtrain.data import load_idx
-from lrtrain.models import mlp
-from lrtrain.train import evaluate, fit
+from harness import MNIST_DIR
+from lrtrain.cli.data import load_idx
+from lrtrain.cli.models import mlp
+from lrtrain.cli.train import evaluate, fit
 
 HIDDEN, LR, EPOCHS, CAPACITY = [400, 400, 400], 1e-3, 3, 128
 
@@ -57,7 +58,7 @@ def _ints(s: str) -> list:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"))
+    ap.add_argument("--data", default=str(MNIST_DIR), help="directory of MNIST-format IDX files")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--refresh", default="1,2,5")

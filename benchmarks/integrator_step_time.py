@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 import lrtrain
-from lrtrain.benchmarking.methods import DENSE, GALORE, galore_status
-from lrtrain.benchmarking.timing import measure_interleaved
-from lrtrain.models import mlp
+from harness.machine import machine_info
+from harness.methods import DENSE, GALORE, galore_status
+from lrtrain.cli.bench import measure_interleaved
+from lrtrain.cli.models import mlp
 
 HIDDEN, BATCH, RANK, BLOCK = (2048, 2048, 2048), 256, 128, 10
 
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--refresh", default="1,2,5,10")
     args = ap.parse_args(argv)
-    backends = ["reference"] + (["auto"] if lrtrain.ext.available()["cpu"] else [])
+    backends = ["reference"] + (["auto"] if lrtrain.update.available()["cpu"] else [])
     calls, opts = {}, {}
     calls["dense AdamW"], _ = _case("dense")
     if galore_status()[0]:
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     dense = per_step["dense AdamW"]
     galore = per_step.get("GaLoreAdamW (projector refresh amortized, gap 200)")
     out = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, threads=torch.get_num_threads(),
-               machine=f"{platform.machine()}, {torch.get_num_threads()} threads", model=f"784-{'-'.join(map(str, HIDDEN))}-10",
+               machine=machine_info(), model=f"784-{'-'.join(map(str, HIDDEN))}-10",
                batch=BATCH, rank=RANK, steps_per_call=BLOCK, ms_per_step=per_step)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

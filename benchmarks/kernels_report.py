@@ -5,7 +5,7 @@
 Everything runs side by side in one process with torch.utils.benchmark.Timer at torch's thread count;
 the variants of one table are measured in alternating rounds (3 by default) and each row reports the median
 and interquartile range over all of its runs, so slow drift of a shared machine hits every row alike.
-Cases (lrtrain/ext/bench.py): the issue's CPU target, 12 layers of 1024×1024 at rank 64, float32, as the
+Cases (benchmarks/harness/kernel_cases.py): the issue's CPU target, 12 layers of 1024×1024 at rank 64, float32, as the
 layer update alone (update_layers) and as a whole DLRT.step (AdamW, fixed rank); then the Jacobi SVD kernel
 on warm cores (real DLRT steps after the first) against LAPACK at 2r = 64, 128, 256, with sweep counts.
 """
@@ -21,24 +21,15 @@ from pathlib import Path
 import torch
 from torch.utils.benchmark import Timer
 
-import lrtrain.ext as ext
-from lrtrain.ext import dispatch
-from lrtrain.ext.bench import layer_items, step_case, sweeps_to_converge, warm_cores
-from lrtrain.optim.step import reference_update_layers
+import lrtrain.update as ext
+from harness.kernel_cases import layer_items, step_case, sweeps_to_converge, warm_cores
+from lrtrain.cli.bench import cpu_model
+from lrtrain.update import dispatch
+from lrtrain.update.spec import reference_update_layers
 
 OUT = Path(__file__).resolve().parent / "results" / "kernels.md"
 L, WIDTH, RANK = 12, 1024, 64
 LR, TAU = 1e-3, 0.1
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def measure(fns: dict, min_time: float, rounds: int) -> dict:
@@ -65,7 +56,7 @@ def table(res: dict, base: str, note: dict | None = None) -> list[str]:
 
 def update_section(min_time, rounds) -> tuple[list[str], float]:
     items = layer_items(L, WIDTH, WIDTH, RANK)
-    fns = {"reference (lrtrain.optim.step)": lambda: reference_update_layers(items, LR, TAU, 1)}
+    fns = {"reference (lrtrain.update.spec)": lambda: reference_update_layers(items, LR, TAU, 1)}
     for label, opts in (("fused, OpenMP over layers + LAPACK SVD (default)", dict(batched=False, svd="lapack")),
                         ("fused, OpenMP over layers + Jacobi SVD", dict(batched=False, svd="jacobi")),
                         ("fused, CUDA schedule (batched) + LAPACK SVD", dict(batched=True, svd="lapack")),
@@ -84,7 +75,7 @@ def step_section(min_time, rounds) -> tuple[list[str], float]:
 
 
 def jacobi_section(min_time, rounds) -> list[str]:
-    from lrtrain.ext import _cpu
+    from lrtrain.update import _cpu
 
     lines = ["| 2r | sweeps, warm (min / median / max) | sweeps, first step | sweeps, random core | "
              "Jacobi (ms) | LAPACK gesdd (ms) | Jacobi / LAPACK |", "|---:|---|---|---|---:|---:|---:|"]

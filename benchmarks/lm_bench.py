@@ -30,7 +30,7 @@ set to the same), so memory is per method. Measured per method:
   optimizer step + scheduler step + ``zero_grad`` (each part summed separately); evaluations, logging and the
   memory probe are not counted. **tokens/s** = predicted tokens (steps x batch x context) / training wall time.
 * **peak memory**, two ways: (1) peak *tensor* memory of one training step, measured after training with
-  :func:`lrtrain.benchmarking.profile_step_memory` (live tensor storages counted by a dispatch mode:
+  :func:`harness.memory.profile_step_memory` (live tensor storages counted by a dispatch mode:
   parameters + gradients + optimizer state + saved activations + temporaries; kernel workspaces and
   allocator overhead not counted), with its parts -- this is the number the memory targets use; and
   (2) the peak resident set size of the process during the training loop minus its RSS just before the model
@@ -74,13 +74,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout: import this checkout's lrtrain
     sys.path.insert(0, str(ROOT))
 
+from harness.machine import installed_version, machine_info  # noqa: E402  (benchmarks/ is the script's directory)
+from harness.memory import MIB, profile_step_memory  # noqa: E402
+from lrtrain.cli.bench import loadavg  # noqa: E402
+from lrtrain.cli.train import ranks as layer_ranks  # noqa: E402
+
 METHODS = ("dense", "galore", "lrtrain")
 LABELS = {"dense": "dense AdamW", "galore": "GaLoreAdamW", "lrtrain": "lrtrain DLRT"}
 PROJECTIONS = ["*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj", "*.self_attn.o_proj",
                "*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj"]
 EXCLUDED_DIRS = ("test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data")
 VAL_MOD = 20  # a file is a validation file when sha256(relative path) % VAL_MOD == 0
-MIB = 2.0 ** 20
 LN2 = math.log(2.0)
 
 
@@ -236,17 +240,11 @@ def build_optimizer(method: str, model, cfg: Config, lr: float, tau: float):
     if method == "dense":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, eps=1e-8)
     if method == "galore":
-        from galore_torch import GaLoreAdamW
-
-        from lrtrain.benchmarking.methods import galore_targets
+        from harness.methods import galore_adamw, galore_targets
 
         # the projections lrtrain factorizes at this rank (galore_targets applies lowrank's gain rule)
         proj = [w for _, m in projection_modules(model) for w in galore_targets(m, cfg.rank)]
-        ids = {id(p) for p in proj}
-        groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
-                  {"params": proj, "rank": cfg.rank, "update_proj_gap": cfg.galore_gap, "scale": cfg.galore_scale,
-                   "proj_type": "std"}]
-        return GaLoreAdamW(groups, lr=lr, weight_decay=cfg.weight_decay, eps=1e-8, no_deprecation_warning=True)
+        return galore_adamw(model.parameters(), proj, lr, cfg.weight_decay, cfg.rank, cfg.galore_gap, cfg.galore_scale)
     if method == "lrtrain":
         import lrtrain
 
@@ -297,12 +295,10 @@ def run_method(method: str, cfg: Config, lr: float, tau: float, log=print) -> di
     from torch import nn
 
     import lrtrain
-    from lrtrain.benchmarking import profile_step_memory
-    from lrtrain.train import ranks as layer_ranks
 
     torch.set_num_threads(cfg.threads)
     t_proc = time.perf_counter()
-    load_start = _loadavg()
+    load_start = loadavg()
     corpus = load_corpus()
     train_w, val_all = windows(corpus["train"], cfg.context), windows(corpus["val"], cfg.context)
     val_w = val_all[val_indices(len(val_all), cfg.val_windows)].long()
@@ -409,8 +405,8 @@ def run_method(method: str, cfg: Config, lr: float, tau: float, log=print) -> di
         "corpus_sha256": [corpus["info"]["train_sha256"], corpus["info"]["val_sha256"]],
         "setup_s": setup_s, "eval_s": sum(e["eval_s"] for e in evals),
         "process_wall_s": time.perf_counter() - t_proc, "torch_threads": torch.get_num_threads(),
-        "machine": machine_description(cfg.threads),
-        "loadavg_start": load_start, "loadavg_end": _loadavg(),
+        "machine": machine_info(cfg.threads),
+        "loadavg_start": load_start, "loadavg_end": loadavg(),
     }
 
 
@@ -622,7 +618,7 @@ def write_report(res: dict, out: Path, name: str) -> Path:
              "model and budget, commands there)" if res.get("lr_note") else "") + ".",
           "- **wall time**: training steps only (forward + loss, backward, optimizer step + scheduler + zero_grad); "
           "evaluations and the memory probe excluded. **Peak memory**: tensor memory of one training step after "
-          "training (`lrtrain.benchmarking.profile_step_memory`: parameters + gradients + optimizer state + saved "
+          "training (`harness.memory.profile_step_memory`: parameters + gradients + optimizer state + saved "
           "activations + temporaries; used for the targets); **RSS Δ**: the process's peak resident memory during "
           "the training loop minus its resident memory before the model was built.", ""]
     L += ["## Results", "",
@@ -739,42 +735,6 @@ def make_plot(res: dict, out: Path, name: str):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _version(dist: str):
-    """Installed version of distribution ``dist`` (None when absent), without importing it."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def _loadavg() -> list:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return [round(x, 2) for x in load]
-
-
-def machine_description(threads: int) -> dict:
-    """The fields of :func:`lrtrain.benchmarking.machine.machine_info` without importing galore-torch here
-    (importing it takes seconds; the workers import it): CPU, cores, threads per method, torch, date, load."""
-    import torch
-
-    from lrtrain import __version__
-    from lrtrain.benchmarking.machine import cpu_model, loadavg
-    from lrtrain.benchmarking.methods import active_backends
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "cores_usable": usable, "torch_threads": threads,
-            "torch": torch.__version__,
-            "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no GPU)",
-            "python": platform.python_version(), "lrtrain": __version__,
-            "galore_torch": _version("galore-torch") or "not installed", "fused_backends": active_backends(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "loadavg": loadavg()}
 
 
 def _floats(s: str) -> list:
@@ -900,11 +860,11 @@ def main(argv=None) -> int:
         print(write_report(res, src.parent, src.stem))
         return 0
     cfg, specs, sweep = make_config(a)
-    if any(s["method"] == "galore" for s in specs) and _version("galore-torch") is None:
+    if any(s["method"] == "galore" for s in specs) and installed_version("galore-torch") is None:
         print("GaLoreAdamW skipped: galore-torch is not installed (pip install --no-build-isolation -e '.[bench]')",
               file=sys.stderr)
         specs = [s for s in specs if s["method"] != "galore"]
-    if _version("transformers") is None:
+    if installed_version("transformers") is None:
         raise SystemExit("lm_bench needs transformers (pip install transformers)")
     name = a.name or ("lm_bench_smoke" if a.smoke else "lm_bench")
     out = Path(a.out)
@@ -915,18 +875,18 @@ def main(argv=None) -> int:
           f"validation files ({corpus['val_bytes']:,} B); {cfg.steps} steps x {cfg.batch} x {cfg.context} = "
           f"{cfg.tokens:,} tokens per method", flush=True)
     t0 = time.perf_counter()
-    started, load_start = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), _loadavg()
+    started, load_start = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), loadavg()
     cfg_dict, git = dataclasses.asdict(cfg), _git_state()
     runs = run_all(specs, cfg_dict, jobs)
-    # torch is imported by the workers only (the parent stays light): the machine as the first worker saw it
-    machine = dict(next(iter(runs.values()))["machine"], date=started, loadavg=load_start, loadavg_end=_loadavg())
+    # the machine as the first worker saw it (its torch threads), with this process's date and load
+    machine = dict(next(iter(runs.values()))["machine"], date=started, loadavg=load_start, loadavg_end=loadavg())
     res = {
         "benchmark": "byte-level language model: dense AdamW vs GaLoreAdamW vs lrtrain DLRT",
         "command": (f"nice -n {os.nice(0)} " if os.nice(0) > 0 else "")  # niceness of this process
                    + "python " + " ".join(shlex.quote(x) for x in ["benchmarks/lm_bench.py", *argv]),
         "date": a.date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "name": name, "smoke": a.smoke, "sweep": sweep, "jobs": jobs, "machine": machine, "git": git,
-        "transformers": _version("transformers"), "config": cfg_dict, "corpus": corpus,
+        "transformers": installed_version("transformers"), "config": cfg_dict, "corpus": corpus,
         "runs": runs, "total_wall_s": time.perf_counter() - t0,
     }
     res["val_windows"] = len(val_indices((corpus["val_bytes"] - 1) // cfg.context, cfg.val_windows))

@@ -1,6 +1,6 @@
 """End to end: real MNIST (../shared/data/mnist), MLP 784-2048-2048-2048-10, batch 128, fixed epochs, for
 dense AdamW, GaLoreAdamW and lrtrain DLRT (reference and fused), with the hyperparameters of
-:class:`lrtrain.benchmarking.E2ESettings` (lrtrain's chosen by the validation sweep in
+:class:`harness.E2ESettings` (lrtrain's chosen by the validation sweep in
 ``benchmarks/results/bench_tuning.md``).
 
 Epochs: ``LRTRAIN_BENCH_EPOCHS`` (default 1, about 2 minutes for all methods on 2 cores; the issue's full
@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from lrtrain import benchmarking as B
+import harness as B
 
 EPOCHS = int(os.environ.get("LRTRAIN_BENCH_EPOCHS", "1"))
 SETTINGS = B.E2ESettings(epochs=EPOCHS, probes=2)

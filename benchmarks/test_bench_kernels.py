@@ -1,4 +1,4 @@
-"""Fused DLRT update (lrtrain.ext, csrc/) against the reference (lrtrain.optim.step), group "kernels".
+"""Fused DLRT update (lrtrain.update, csrc/) against the reference (lrtrain.update.spec), group "kernels".
 
 The issue's CPU case: 12 layers of 1024×1024 at rank 64, float32 -- the layer update alone
 (``update_layers``) and a whole ``DLRT.step`` (AdamW, fixed rank). The GPU case (48 layers of 4096×4096 at
@@ -11,9 +11,9 @@ import functools
 import pytest
 import torch
 
-import lrtrain.ext as ext
-from lrtrain.ext.bench import layer_items, step_case, warm_cores
-from lrtrain.optim.step import reference_update_layers
+import lrtrain.update as ext
+from harness.kernel_cases import layer_items, step_case, warm_cores
+from lrtrain.update.spec import reference_update_layers
 
 CASES = {"cpu": (12, 1024, 64), "cuda": (48, 4096, 128)}
 BACKENDS = [("reference", "cpu"), ("cpu", "cpu"), ("reference", "cuda"), ("cuda", "cuda")]
@@ -83,7 +83,7 @@ def _warm(two_r):
 def test_core_svd(benchmark, summary, method, two_r):
     """12 warm cores Ŝ (2r×2r) from real DLRT steps: the Jacobi kernel vs torch.linalg.svd, same threads."""
     _skip_unless("cpu")
-    from lrtrain.ext import _cpu
+    from lrtrain.update import _cpu
 
     cores = _warm(two_r)
     benchmark.group = f"kernels: SVD of 12 warm cores {two_r}x{two_r} float32 (cpu)"

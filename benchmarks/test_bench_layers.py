@@ -1,13 +1,20 @@
 """Layer forward + backward: nn.Linear vs LowRankLinear (square, ranks 32..512) and a VGG-like conv block.
 
-Each case is :class:`lrtrain.benchmarking.LayerCase` (gradients reset to None per call, input gradient
+Each case is :class:`lrtrain.cli.bench.LayerCase` (gradients reset to None per call, input gradient
 included). Speedups against the dense case of the same group and the FLOP-ideal mn/(r(m+n)+r²) go to
 ``extra_info`` and to the terminal summary.
 """
+import os
+
 import pytest
 
-from lrtrain import benchmarking as B
-from lrtrain.benchmarking import env_ints
+import harness as B
+
+
+def env_ints(name: str, default: str) -> tuple:
+    """Comma-separated ints from environment variable ``name`` (``default`` when unset)."""
+    return tuple(int(v) for v in os.environ.get(name, default).split(",") if v.strip())
+
 
 SIZES = env_ints("LRTRAIN_BENCH_SIZES", "1024,2048,4096")
 RANKS = env_ints("LRTRAIN_BENCH_RANKS", "32,64,128,256,512")
@@ -41,14 +48,15 @@ def test_linear_fwd_bwd(benchmark, median_of, timings, summary, size, rank):
 def test_conv_block_fwd_bwd(benchmark, median_of, timings, summary, rank):
     case = B.conv_block_case(rank)
     benchmark.group = "layer fwd+bwd: VGG-like block conv3x3 128-256-256, 16x16, batch 8"
-    benchmark.extra_info.update(rank=rank, flops=case.flops())
+    flops = B.count_flops(case)
+    benchmark.extra_info.update(rank=rank, flops=flops)
     benchmark(case)
     t = median_of(benchmark)
     if t is None:
         return
-    timings[("conv", rank)] = t, case.flops()
+    timings[("conv", rank)] = t, flops
     if rank is not None and ("conv", None) in timings:
         dense_t, dense_flops = timings[("conv", None)]
-        ideal = dense_flops / case.flops()
+        ideal = dense_flops / flops
         benchmark.extra_info.update(speedup=dense_t / t, flop_ratio=ideal)
         summary.append(f"VGG block r={rank}: {dense_t / t:.2f}x speedup, counted FLOP ratio {ideal:.2f}x")

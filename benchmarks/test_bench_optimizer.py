@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from lrtrain import benchmarking as B
+import harness as B
 
 MODELS = [B.StepModel.parse(s) for s in os.environ.get(
     "LRTRAIN_BENCH_STEP_MODELS", " ".join(m.spec() for m in B.DEFAULT_STEP_MODELS)).split()]

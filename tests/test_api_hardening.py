@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lrtrain
-import lrtrain.train
+import lrtrain.cli.train
 from lrtrain.update import tolerance_rank
 
 
@@ -41,7 +41,7 @@ def test_fit_refuses_bad_arguments_before_training(kwargs, digits):
     before = [p.detach().clone() for p in model.parameters()]
     args = dict(epochs=1, batch_size=32, seed=0) | kwargs
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        lrtrain.train.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), digits, **args)
+        lrtrain.cli.train.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), digits, **args)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 

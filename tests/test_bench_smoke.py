@@ -1,8 +1,11 @@
-"""lrtrain.benchmarking on tiny sizes: the FLOP-ideal formula, the memory tracker, the step cases and
-the report written by ``lrtrain bench`` (speed targets live in benchmarks/, never here)."""
+"""``lrtrain bench`` and the benchmark harness on top of it (benchmarks/harness/) on tiny sizes: the FLOP-ideal
+formula, the memory tracker, the step cases, the tuning sweep and the reports written by ``lrtrain bench`` and
+benchmarks/bench_report.py (speed targets live in benchmarks/, never here)."""
 import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +13,14 @@ from torch import nn
 
 import lrtrain
 from lrtrain import LowRankLinear
-from lrtrain import benchmarking as B
 from lrtrain.cli import main
-from lrtrain.models import mlp
+from lrtrain.cli.data import load_digits
+from lrtrain.cli.models import mlp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness is not in the package
+import bench_report  # noqa: E402
+import bench_tuning  # noqa: E402
+import harness as B  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,8 +33,8 @@ def test_flop_ideal_is_the_counted_flop_ratio_of_forward_plus_backward(m, n, r):
     x = torch.randn(16, n)
     dense = B.LayerCase(nn.Linear(n, m), x.clone(), "dense")
     low = B.LayerCase(LowRankLinear(n, m, r), x.clone(), "low")
-    assert dense.flops() == 6 * 16 * m * n
-    assert dense.flops() / low.flops() == pytest.approx(B.flop_ideal_speedup(m, n, r), rel=1e-12)
+    assert B.count_flops(dense) == 6 * 16 * m * n
+    assert B.count_flops(dense) / B.count_flops(low) == pytest.approx(B.flop_ideal_speedup(m, n, r), rel=1e-12)
     assert B.flop_ideal_speedup(4096, 4096, 256) == pytest.approx(4096 ** 2 / (256 * 8192 + 256 ** 2))
     with pytest.raises(ValueError):
         B.flop_ideal_speedup(8, 8, 0)
@@ -43,7 +51,7 @@ def test_conv_block_case_factorizes_both_convolutions_and_saves_flops():
     P, r = 72, 4
     dense_macs = P * sum(3 * m * n for m, n in [(16, 72), (16, 144)])
     low_macs = sum(P * (3 * r * (m + n) + 2 * r * r) + m * r * r for m, n in [(16, 72), (16, 144)])
-    assert dense.flops() / low.flops() == pytest.approx(dense_macs / low_macs, rel=1e-12)
+    assert B.count_flops(dense) / B.count_flops(low) == pytest.approx(dense_macs / low_macs, rel=1e-12)
 
 
 def test_memory_tracker_counts_live_storages_and_their_peak():
@@ -159,11 +167,50 @@ def _x(cell: str) -> float:
     return float(cell[:-1])
 
 
-def test_bench_command_writes_report_with_tables_targets_and_plots(tmp_path, capsys):
+def test_lrtrain_bench_writes_report_of_layers_and_steps(tmp_path, capsys):
+    """``lrtrain bench``: the report's numbers parse and agree with its JSON; speedups are the ratios of the
+    timings, the ideal is the FLOP formula; dense AdamW and DLRT train the same MLP, DLRT at the fixed rank."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--sizes", "64", "--ranks", "4", "8", "128", "--layer-batch", "16",
+                 "--step-models", "32-32@8:4", "--min-time", "0.01"]) == 0
+    md = (out / "bench.md").read_text()
+    data = json.loads((out / "bench.json").read_text())
+    assert "lrtrain bench --out" in md and "--ranks 4 8 128 --layer-batch 16" in md and "--min-time 0.01" in md
+    m = data["machine"]
+    assert m["torch"] == torch.__version__ and m["lrtrain"] == lrtrain.__version__ and m["torch_threads"] == 1
+    assert f"{m['cores']} cores ({m['cores_usable']} usable), torch threads: 1; torch {torch.__version__};" in md
+
+    rows = _table(md, "| size | rank | nn.Linear (ms)")
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(j["size"], j["rank"]) for j in data["layers"]]
+    assert [(j["size"], j["rank"]) for j in data["layers"]] == [(64, 4), (64, 8)]  # rank 128 > 64: skipped
+    for r, j in zip(rows, data["layers"]):
+        assert (float(r[2]), float(r[3])) == (round(j["dense_ms"], 2), round(j["lowrank_ms"], 2))
+        assert j["speedup"] == pytest.approx(j["dense_ms"] / j["lowrank_ms"], rel=1e-9)
+        assert _x(r[4]) == pytest.approx(j["speedup"], abs=0.006)
+        assert j["ideal"] == pytest.approx(B.flop_ideal_speedup(64, 64, j["rank"]), rel=1e-12)
+        assert _x(r[5]) == pytest.approx(j["ideal"], abs=0.006)
+        assert r[6] == f"{j['speedup'] / j['ideal']:.0%}"
+
+    rows = _table(md, "| MLP | batch | rank | method | train step (ms)")
+    assert [r[3] for r in rows] == [j["method"] for j in data["optimizer"]] == ["dense AdamW", "lrtrain DLRT"]
+    assert all(r[:3] == ["784-32-32-10", "8", "4"] for r in rows)
+    dense, low = data["optimizer"]
+    assert dense["ranks"] == [] and low["ranks"] == [4]
+    for r, j in zip(rows, data["optimizer"]):
+        assert float(r[4]) == round(j["train_step_ms"], 1) and float(r[6]) == round(j["opt_step_ms"], 1)
+        assert j["train_vs_dense"] == pytest.approx(dense["train_step_ms"] / j["train_step_ms"], rel=1e-9)
+        assert j["opt_step_vs_dense"] == pytest.approx(j["opt_step_ms"] / dense["opt_step_ms"], rel=1e-9)
+        assert _x(r[5]) == pytest.approx(j["train_vs_dense"], abs=0.006)
+        assert _x(r[7]) == pytest.approx(j["opt_step_vs_dense"], abs=0.006)
+    assert rows[0][5] == "1.00x" and rows[0][7] == "1.00x"
+    assert f"report: {out / 'bench.md'}" in capsys.readouterr().out
+
+
+def test_bench_report_writes_report_with_tables_targets_and_plots(tmp_path, capsys):
     """Every number in the report parses and agrees with the JSON; ratios are the ratios of the timings;
     parameter and memory counts are the model's; every method has its rows."""
     out = tmp_path / "bench"
-    assert main(["bench", "--out", str(out), "--data", "digits", "--sizes", "64", "--ranks", "4", "8",
+    assert bench_report.main(["--out", str(out), "--data", "digits", "--sizes", "64", "--ranks", "4", "8",
                  "--layer-batch", "16", "--conv-ranks", "4", "--conv-hw", "4", "--conv-batch", "1", "--step-models", "32-32@8:4", "--hidden", "32", "32",
                  "--epochs", "1", "--rank", "8", "--tau", "0.12", "--taus", "0.3", "--min-time", "0.01",
                  "--probes", "1"]) == 0
@@ -175,7 +222,7 @@ def test_bench_command_writes_report_with_tables_targets_and_plots(tmp_path, cap
     assert galore == any(m.key == "galore" for m in methods)
 
     # the command that reproduces the run, and the machine it ran on
-    assert "lrtrain bench --out" in md and "--sizes 64 --ranks 4 8" in md and "--taus 0.3" in md
+    assert "python benchmarks/bench_report.py --out" in md and "--sizes 64 --ranks 4 8" in md and "--taus 0.3" in md
     m = data["machine"]
     assert m["torch"] == torch.__version__ and m["torch_threads"] == 1  # the autouse fixture's 1 thread
     assert f"- CPU: {m['cpu']}; {m['cores']} cores ({m['cores_usable']} usable), torch threads: 1" in md
@@ -297,14 +344,37 @@ def test_bench_command_writes_report_with_tables_targets_and_plots(tmp_path, cap
 
 
 def test_tuning_holds_out_a_validation_split_and_runs_a_config():
-    from lrtrain.benchmarking import tuning
-    from lrtrain.data import load_digits
-
     data = load_digits()
-    val = tuning.validation_split(data, n_val=200)
+    val = bench_tuning.validation_split(data, n_val=200)
     assert len(val.train_y) == len(data.train_y) - 200 and torch.equal(val.test_x, data.train_x[-200:])
-    assert tuning.parse_config("lrtrain:2e-3:0.1:16") == dict(kind="lrtrain", lr=2e-3, tau=0.1, r0=16)
+    assert bench_tuning.parse_config("lrtrain:2e-3:0.1:16") == dict(kind="lrtrain", lr=2e-3, tau=0.1, r0=16)
     with pytest.raises(ValueError):
-        tuning.parse_config("lrtrain:1e-3:0.1")
-    row = tuning.run_config(tuning.parse_config("lrtrain:1e-3:0.1:8"), val, epochs=1, hidden=(32, 32), batch_size=64)
+        bench_tuning.parse_config("lrtrain:1e-3:0.1")
+    row = bench_tuning.run_config(bench_tuning.parse_config("lrtrain:1e-3:0.1:8"), val, epochs=1, hidden=(32, 32),
+                                  batch_size=64)
     assert len(row["val_acc"]) == 1 and 0 <= row["val_acc"][0] <= 100 and all(1 <= r <= 16 for r in row["final_ranks"])
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--sizes", "0"], "--sizes: must be an integer >= 1"),
+    (["--ranks", "8", "-1"], "--ranks: must be an integer >= 1"),
+    (["--epochs", "0"], "--epochs: must be an integer >= 1"),
+    (["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+    (["--lr", "0"], "--lr: must be a finite number > 0"),
+    (["--lrtrain-lr", "-1"], "--lrtrain-lr: must be a finite number > 0"),
+    (["--taus", "0.1", "-0.1"], "--taus: must be a finite number >= 0"),
+    (["--min-time", "0"], "--min-time: must be a finite number > 0"),
+    (["--probes", "-1"], "--probes: must be an integer >= 0"),
+    (["--data", "/nonexistent"], "'/nonexistent': no such directory"),
+    (["--step-models", "1024@0:64"], "--step-models: step model '1024@0:64'"),
+    (["--only", "gpu"], "--only: invalid choice: 'gpu'"),
+    (["--only", "layers", "--sizes", "64", "--ranks", "128"], "no --ranks value [128] is <= a --sizes value [64]"),
+])
+def test_bench_report_refuses_bad_arguments_in_one_line(args, expect, capsys, tmp_path):
+    """Exit status 2, one line on stderr naming the script, no traceback; nothing ran, nothing written."""
+    assert bench_report.main(["--out", str(tmp_path), *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{bench_report.PROG}: error: "), captured.err
+    assert expect in lines[0] and "Traceback" not in captured.err + captured.out
+    assert not any(tmp_path.iterdir())

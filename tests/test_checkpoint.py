@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import lrtrain
-import lrtrain.data
-import lrtrain.train
-from lrtrain.models import mlp
+import lrtrain.cli.data
+import lrtrain.cli.train
+from lrtrain.cli.models import mlp
 
 
 def _build():
@@ -30,23 +30,23 @@ def _train(model, opt, batches):
 
 def test_resume_from_checkpoint_at_other_ranks_is_bitwise_identical(digits):
     gen = torch.Generator().manual_seed(1)
-    batches = list(lrtrain.data.batches(digits.train_x, digits.train_y, 64, gen))[:40]
+    batches = list(lrtrain.cli.data.batches(digits.train_x, digits.train_y, 64, gen))[:40]
     model, opt = _build()
-    initial = lrtrain.train.ranks(model)
+    initial = lrtrain.cli.train.ranks(model)
     _train(model, opt, batches[:20])
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    saved_ranks = lrtrain.train.ranks(model)
+    saved_ranks = lrtrain.cli.train.ranks(model)
     assert saved_ranks != initial  # the checkpoint really is at other ranks
     reference = _train(model, opt, batches[20:])
 
     fresh, fresh_opt = _build()
-    assert lrtrain.train.ranks(fresh) == initial
+    assert lrtrain.cli.train.ranks(fresh) == initial
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     fresh.load_state_dict(ckpt["model"])
     fresh_opt.load_state_dict(ckpt["opt"])
-    assert lrtrain.train.ranks(fresh) == saved_ranks
+    assert lrtrain.cli.train.ranks(fresh) == saved_ranks
     resumed = _train(fresh, fresh_opt, batches[20:])
     assert resumed == reference  # bitwise: exact float equality of all 20 losses
-    assert lrtrain.train.ranks(fresh) == lrtrain.train.ranks(model)
+    assert lrtrain.cli.train.ranks(fresh) == lrtrain.cli.train.ranks(model)

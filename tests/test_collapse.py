@@ -10,11 +10,11 @@ from torch import nn
 import lrtrain
 from lrtrain.collapse import scatter_reference
 from lrtrain.collapse.analysis import dense_weight
-from lrtrain.data import batches
-from lrtrain.models import mlp
+from lrtrain.cli.data import batches
+from lrtrain.cli.models import mlp
 from lrtrain.update.spec import LayerStep
 from lrtrain.rank import CollapseGuide
-from lrtrain.train import evaluate, ranks
+from lrtrain.cli.train import evaluate, ranks
 
 K = 10
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from torch import nn
 
 import lrtrain
 from lrtrain import LowRankConv2d, LowRankLinear
-from lrtrain.models import mlp, small_cnn
+from lrtrain.cli.models import mlp
 
 
 def test_mlp_conversion_uses_best_rank_r_weights_and_densify_restores_function():
@@ -72,7 +72,7 @@ def test_transformer_block_include_exclude_and_training_step():
     assert isinstance(only.encoder.linear2, LowRankLinear) and not isinstance(only.encoder.linear1, LowRankLinear)
 
 
-def test_cnn_conversion_and_inplace_false():
+def test_cnn_conversion_and_inplace_false(small_cnn):
     model = small_cnn(1, 10, width=32)
     converted = lrtrain.lowrank(model, rank=8, inplace=False)
     assert not any(isinstance(m, LowRankConv2d) for m in model.modules())  # original untouched

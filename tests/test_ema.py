@@ -5,11 +5,11 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 import lrtrain
-import lrtrain.data
+import lrtrain.cli.data
 from lrtrain import LowRankLinear
 from lrtrain.ema import average_factored
-from lrtrain.models import mlp
-from lrtrain.train import evaluate
+from lrtrain.cli.models import mlp
+from lrtrain.cli.train import evaluate
 
 
 def test_factored_average_equals_dense_average_within_capacity():
@@ -39,13 +39,13 @@ def test_ema_model_through_rank_changes_scores_like_the_model(digits):
     gen = torch.Generator().manual_seed(0)
     ranks = set()
     for _ in range(10):
-        for xb, yb in lrtrain.data.batches(digits.train_x, digits.train_y, 64, gen):
+        for xb, yb in lrtrain.cli.data.batches(digits.train_x, digits.train_y, 64, gen):
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
             opt.zero_grad()
             ema.update_parameters(model)
             naive.update_parameters(model)
-            ranks.add(tuple(lrtrain.train.ranks(model).values()))
+            ranks.add(tuple(lrtrain.cli.train.ranks(model).values()))
     assert len(ranks) > 3  # ranks changed while averaging
     acc, acc_ema = evaluate(model, digits.test_x, digits.test_y), evaluate(ema, digits.test_x, digits.test_y)
     print(f"model {acc:.2f}%  EMA {acc_ema:.2f}%  factor-wise EMA {evaluate(naive, digits.test_x, digits.test_y):.2f}%")

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import lrtrain
 import lrtrain.update as ext
 from lrtrain.update import dispatch
-from lrtrain.models import mlp
+from lrtrain.cli.models import mlp
 from lrtrain.update.backends import UpdateArgs, native_args
 from lrtrain.update.constants import AUGMENT_ALL
 from lrtrain.update.spec import LAYER_INPUTS, LayerStep, augmented_core, reference_update

@@ -4,7 +4,7 @@ import torch
 
 
 import lrtrain
-from lrtrain.models import mlp
+from lrtrain.cli.models import mlp
 
 
 @pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=1e-2), lambda ps: torch.optim.SGD(ps, lr=0.1)])

@@ -2,8 +2,8 @@
 import torch
 
 import lrtrain
-from lrtrain.models import mlp, small_cnn
-from lrtrain.train import evaluate, fit
+from lrtrain.cli.models import mlp
+from lrtrain.cli.train import evaluate, fit
 
 
 def _hidden_params(model):
@@ -33,7 +33,7 @@ def test_mlp_on_mnist_matches_dense_with_80_percent_fewer_hidden_parameters(mnis
     assert len(set(r for step in hist.ranks for r in step.values())) > 3  # ranks really adapted
 
 
-def test_low_rank_cnn_learns_digits(digits):
+def test_low_rank_cnn_learns_digits(digits, small_cnn):
     torch.manual_seed(0)
     model = lrtrain.lowrank(small_cnn(1, 10, width=32), rank=16)
     assert sum(isinstance(m, lrtrain.LowRankConv2d) for m in model.modules()) == 2

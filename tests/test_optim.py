@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrtrain
-import lrtrain.data
-import lrtrain.train
+import lrtrain.cli.data
+import lrtrain.cli.train
 from lrtrain import DLRT, LowRankLinear
-from lrtrain.models import mlp
+from lrtrain.cli.models import mlp
 from lrtrain.update.spec import transport_state
 
 
@@ -52,7 +52,7 @@ def test_orthonormal_after_2000_steps_of_real_training(digits):
     gen = torch.Generator().manual_seed(0)
     steps = 0
     while steps < 2000:
-        for xb, yb in lrtrain.data.batches(digits.train_x, digits.train_y, 64, gen):
+        for xb, yb in lrtrain.cli.data.batches(digits.train_x, digits.train_y, 64, gen):
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
             opt.zero_grad()
@@ -65,7 +65,7 @@ def test_orthonormal_after_2000_steps_of_real_training(digits):
         U, _, V = layer.factors()
         for B in (U, V):
             assert torch.linalg.norm(B.T @ B - torch.eye(B.shape[1])) < 1e-5
-    assert lrtrain.train.evaluate(model, digits.test_x, digits.test_y) > 90
+    assert lrtrain.cli.train.evaluate(model, digits.test_x, digits.test_y) > 90
 
 
 @pytest.mark.parametrize("base,torch_opt,kw", [

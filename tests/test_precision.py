@@ -1,7 +1,7 @@
 """Mixed and low precision: autocast(bfloat16) through forward, backward and DLRT's step; bfloat16 /
 float16 models trained through fp32 masters; optimizer checkpoints of a bfloat16 model.
 
-All on scikit-learn's digits (lrtrain.data.load_digits), small models, CPU.
+All on scikit-learn's digits (lrtrain.cli.data.load_digits), small models, CPU.
 """
 import copy
 import io

@@ -1,4 +1,5 @@
-"""Argument types with ranges for the console script, and the one-line error convention.
+"""Argument types with ranges for the console script, the one-line error convention, and
+:func:`command_line`, the command that reproduces a run (written into reports).
 
 Every CLI error is one line on stderr, ``lrtrain <command>: error: <message>``, exit status 2
 (argparse's convention), no traceback: bad arguments are refused by the types below while parsing;
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 
 
@@ -83,3 +85,21 @@ def data_spec(*keywords: str):
                                          "directory of MNIST-format IDX files)")
     check.__name__ = "data"
     return check
+
+
+def command_line(prefix: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """``prefix`` and the options of ``args`` that differ from ``parser``'s defaults: the command that
+    reproduces a run (attributes ``func``, ``command`` and names starting with ``_`` are not options)."""
+    defaults = vars(parser.parse_args([]))
+    parts = shlex.split(prefix)
+    for key, value in vars(args).items():
+        if key in ("func", "command") or key.startswith("_") or defaults.get(key, object()) == value:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag] + [str(v) for v in value]
+        elif value is not None and value is not False:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)

@@ -7,11 +7,11 @@ import os
 import torch
 
 from ..convert import active_parameters, lowrank
-from ..data import load_dataset
-from ..models import mlp
 from ..optim import DLRT
-from ..train import fit
 from .args import CLIError, data_spec, nonneg_float, nonneg_int, positive_float, positive_int
+from .data import load_dataset
+from .models import mlp
+from .train import fit
 
 MIN_FEATURES = 16  # lowrank's default: narrower layers stay dense
 

@@ -2,8 +2,9 @@
 update and with each compiled fused backend, each as a :class:`Method` that builds its model and
 optimizer from the same dense model.
 
-GaLore is the real ``galore_torch.GaLoreAdamW`` (installed by the ``bench`` extra); when it does not
-import, :func:`galore_status` says why and the benchmarks skip it. There is no stand-in.
+GaLore is the real ``galore_torch.GaLoreAdamW`` (installed by the ``bench`` extra), with its parameter groups
+built by :func:`galore_adamw`; when it does not import, :func:`galore_status` says why and the benchmarks skip
+it. There is no stand-in.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..convert import lowrank
-from ..optim import DLRT
+from lrtrain import DLRT, lowrank
+from lrtrain.cli.bench import active_backends
 
 _GALORE: tuple | None = None
 
@@ -32,18 +33,6 @@ def galore_status() -> tuple:
             _GALORE = (False, f"galore-torch does not import ({type(e).__name__}: {e}); "
                               "install the bench extra: pip install --no-build-isolation -e '.[bench]'")
     return _GALORE
-
-
-def active_backends() -> list:
-    """Compiled DLRT update backends usable here: ``lrtrain.ext.available()``'s active ones, CUDA only
-    with a GPU."""
-    try:
-        from .. import ext
-
-        avail = ext.available()
-    except Exception:  # never fail a benchmark because the extension is broken: it then runs the reference
-        return []
-    return [b for b in sorted(k for k, v in avail.items() if v) if b != "cuda" or torch.cuda.is_available()]
 
 
 @dataclass
@@ -71,14 +60,8 @@ class Method:
         if self.key == "dense":
             return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, eps=1e-8)
         if self.key == "galore":
-            from galore_torch import GaLoreAdamW
-
-            proj = galore_targets(model, rank)
-            ids = {id(p) for p in proj}
-            groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
-                      {"params": proj, "rank": rank, "update_proj_gap": galore_gap, "scale": galore_scale,
-                       "proj_type": "std"}]
-            return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, eps=1e-8, no_deprecation_warning=True)
+            return galore_adamw(model.parameters(), galore_targets(model, rank), lr, weight_decay, rank, galore_gap,
+                                galore_scale)
         return DLRT(model.parameters(), lr=lr, base="adamw", weight_decay=weight_decay, tau=tau, eps=1e-8,
                     **self.dlrt_kwargs)
 
@@ -97,13 +80,25 @@ def galore_targets(model: nn.Module, rank: int, min_features: int = 16) -> list:
     return out
 
 
+def galore_adamw(params, projected: list, lr: float, weight_decay: float, rank: int, gap: int = 200,
+                 scale: float = 0.25):
+    """``galore_torch.GaLoreAdamW`` (eps 1e-8): the tensors ``projected`` in a group with rank ``rank``,
+    ``update_proj_gap`` ``gap``, ``scale`` and ``proj_type "std"``; the other tensors of ``params`` in a plain group."""
+    from galore_torch import GaLoreAdamW
+
+    ids = {id(p) for p in projected}
+    groups = [{"params": [p for p in params if id(p) not in ids]},
+              {"params": list(projected), "rank": rank, "update_proj_gap": gap, "scale": scale, "proj_type": "std"}]
+    return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, eps=1e-8, no_deprecation_warning=True)
+
+
 DENSE = Method("dense", "dense AdamW")
 GALORE = Method("galore", "GaLoreAdamW")
 
 
 def dlrt_methods() -> list:
     """lrtrain DLRT with the reference update (plain PyTorch), each usable fused backend for every layer, and
-    the default ``backend="auto"`` (fused where :mod:`lrtrain.ext.dispatch` expects a gain) when one is usable."""
+    the default ``backend="auto"`` (fused where :mod:`lrtrain.update.dispatch` expects a gain) when one is usable."""
     out = [Method("lrtrain-reference", "lrtrain DLRT (reference)", {"backend": "reference"})]
     fused = [Method(f"lrtrain-{b}", f"lrtrain DLRT (fused {b})", {"backend": b}) for b in active_backends()]
     return out + fused + ([Method("lrtrain-auto", "lrtrain DLRT (auto, default)", {"backend": "auto"})] if fused else [])

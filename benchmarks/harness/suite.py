@@ -1,17 +1,19 @@
-"""One benchmark run (what ``lrtrain bench`` does): the configured groups in this process, in order, and
-the issue's four targets checked against its results."""
+"""One run of ``benchmarks/bench_report.py``: the configured groups in this process, in order, and the issue's
+four targets checked against its results."""
 from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import asdict, dataclass, field
 
-from ..data import Dataset
+from lrtrain.cli.bench import DEFAULT_STEP_MODELS, layer_sweep, loadavg
+from lrtrain.cli.data import Dataset
+
 from .e2e import E2ESettings, EndToEndRun, run_end_to_end_interleaved
-from .layers import conv_sweep, layer_sweep
-from .machine import loadavg, machine_info
+from .layers import conv_sweep
+from .machine import machine_info
 from .memory import MIB
 from .methods import available_methods, galore_status
-from .steps import DEFAULT_STEP_MODELS, optimizer_sweep
+from .steps import optimizer_sweep
 
 GROUPS = ("layers", "conv", "optimizer", "e2e")
 

@@ -6,7 +6,8 @@ import math
 import os
 from dataclasses import asdict
 
-from .layers import flop_ideal_speedup
+from lrtrain.cli.bench import flop_ideal_speedup, layer_table
+
 from .memory import MIB
 from .suite import BenchResults, target_checks
 
@@ -47,16 +48,11 @@ def write_report(res: BenchResults, out: str, name: str = "bench") -> str:
         L.append(f"| {t['target']} | {format_target(t)} | {t['threshold']} | {t['status']} | {t['detail']} |")
     L.append("")
     if res.e2e and min(r["epochs"] for r in res.e2e) < 5:
-        L += ["The issue's end-to-end targets are defined for the 5-epoch run (`lrtrain bench --only e2e --epochs 5`); "
-              "a shorter run's accuracy gap mostly shows that DLRT converges more slowly in the first epochs.", ""]
+        L += ["The issue's end-to-end targets are defined for the 5-epoch run (`python benchmarks/bench_report.py "
+              "--only e2e --epochs 5`); a shorter run's accuracy gap mostly shows that DLRT converges more slowly in "
+              "the first epochs.", ""]
     if res.layers:
-        L += [f"## Layer forward + backward (batch {res.layers[0]['batch']} rows, median per call)", "",
-              "| size | rank | nn.Linear (ms) | LowRankLinear (ms) | speedup | FLOP-ideal mn/(r(m+n)+r²) | % of ideal |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in res.layers:
-            L.append(f"| {r['size']} | {r['rank']} | {r['dense_ms']:.2f} | {r['lowrank_ms']:.2f} | {r['speedup']:.2f}x "
-                     f"| {r['ideal']:.2f}x | {r['fraction_of_ideal']:.0%} |")
-        L += ["", f"![speedup vs rank]({name}_speedup.png)", ""]
+        L += layer_table(res.layers) + [f"![speedup vs rank]({name}_speedup.png)", ""]
     if res.conv:
         r0 = res.conv[0]
         L += [f"## VGG-like block fwd+bwd (conv3x3 {r0['block']}, {r0['hw']}×{r0['hw']}, batch {r0['batch']})", "",

@@ -1,11 +1,11 @@
-"""The validation sweep behind lrtrain's end-to-end hyperparameters (:class:`~lrtrain.benchmarking.E2ESettings`).
+"""The validation sweep behind lrtrain's end-to-end hyperparameters (:class:`harness.e2e.E2ESettings`).
 
 The last ``n_val`` (2,000) training examples are held out as a validation set; each configuration
 trains the 784-2048-2048-2048-10 MLP on the rest for 5 epochs (batch 128, weight decay 5e-4, seed 0,
 the end-to-end group's initial weights and batch order) and records the validation accuracy after
 each epoch, epoch times and final ranks. The test set is never looked at. Run it as
 
-    python -m lrtrain.benchmarking.tuning --out benchmarks/results/bench_tuning.jsonl \\
+    python benchmarks/bench_tuning.py --out benchmarks/results/bench_tuning.jsonl \\
         dense:1e-3 lrtrain:1e-3:0.12:128 lrtrain:1e-3:0.06:128 ...
 
 (``dense:LR`` or ``lrtrain:LR:TAU:RANK``; one line of JSON per configuration is appended to ``--out``).
@@ -18,12 +18,13 @@ import sys
 
 import torch
 
-from ..convert import active_parameters
-from ..data import Dataset, load_idx
-from ..models import mlp
-from ..train import fit
-from ..train import ranks as layer_ranks
-from .methods import DENSE, Method
+from harness import MNIST_DIR
+from harness.methods import DENSE, Method
+from lrtrain import active_parameters
+from lrtrain.cli.data import Dataset, load_idx
+from lrtrain.cli.models import mlp
+from lrtrain.cli.train import fit
+from lrtrain.cli.train import ranks as layer_ranks
 
 
 def validation_split(data: Dataset, n_val: int = 2000) -> Dataset:
@@ -85,9 +86,9 @@ def write_markdown(rows: list, path: str, command: str = "") -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lrtrain.benchmarking.tuning", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_tuning.py", description=__doc__.split("\n")[0])
     p.add_argument("configs", nargs="+", help="dense:LR or lrtrain:LR:TAU:RANK")
-    p.add_argument("--data", default="../shared/data/mnist")
+    p.add_argument("--data", default=str(MNIST_DIR), help="directory of MNIST-format IDX files")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--n-val", type=int, default=2000)
     p.add_argument("--out", default=None, help="JSON lines file to append to")

@@ -1,7 +1,8 @@
-"""Offline datasets: scikit-learn's bundled digits (default) and MNIST-format IDX directories.
+"""The demo's offline datasets: scikit-learn's bundled digits (default) and MNIST-format IDX directories.
 
 Images come as float32 tensors (N, 1, H, W) standardized with the training set's mean and std;
-labels as int64 (N,). Nothing is downloaded.
+labels as int64 (N,). Nothing is downloaded; scikit-learn is imported only by :func:`load_digits`.
+Imported by the console script, never by ``import lrtrain``.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ training-loop wall time, test accuracy, parameters, ranks and peak training memo
 
 :class:`E2ESettings` holds every hyperparameter. Dense AdamW and GaLoreAdamW share ``lr``; lrtrain has
 its own ``lrtrain_lr``, initial rank and τ, chosen by the validation sweep recorded in
-``benchmarks/results/bench_tuning.md`` (``python -m lrtrain.benchmarking.tuning``).
+``benchmarks/results/bench_tuning.md`` (``python benchmarks/bench_tuning.py``).
 """
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from ..convert import active_parameters
-from ..data import Dataset, batches
-from ..models import mlp
-from ..train import evaluate, fit
-from ..train import ranks as layer_ranks
+from lrtrain import active_parameters
+from lrtrain.cli.data import Dataset, batches
+from lrtrain.cli.models import mlp
+from lrtrain.cli.train import evaluate, fit
+from lrtrain.cli.train import ranks as layer_ranks
+
 from .memory import MemoryProfile, profile_step_memory
 from .methods import Method
 
@@ -75,7 +76,7 @@ class E2EResult:
 class EndToEndRun:
     """One method's end-to-end training, advanced one epoch at a time (so runs can be interleaved).
 
-    Epoch ``e`` is ``lrtrain.train.fit`` for one epoch with seed ``seed + e``: every method sees the same
+    Epoch ``e`` is ``lrtrain.cli.train.fit`` for one epoch with seed ``seed + e``: every method sees the same
     initial dense weights and the same batches. ``fit``'s own evaluation is skipped (it gets a one-example
     test set); :meth:`result` evaluates on the whole test set once. Memory: before training and at
     ``probes`` evenly spaced steps, an independent copy of the model and optimizer takes one step under

@@ -26,7 +26,7 @@ MIB = 2.0 ** 20
 
 
 class TensorMemoryTracker(TorchDispatchMode):
-    """Running sum and peak of the bytes of live tensor storages (see :mod:`lrtrain.benchmarking.memory`).
+    """Running sum and peak of the bytes of live tensor storages (see :mod:`harness.memory`).
 
     ``existing``: tensors alive before the tracked region (their storages count from the start and
     stop counting when freed). Storages are counted once however many tensors view them.
@@ -99,7 +99,7 @@ def storage_bytes(tensors) -> int:
 
 @dataclass
 class MemoryProfile:
-    """Tensor memory of one training step, in bytes (see :mod:`lrtrain.benchmarking.memory`)."""
+    """Tensor memory of one training step, in bytes (see :mod:`harness.memory`)."""
 
     peak: int  # peak of live tensor bytes during forward + backward + optimizer step
     parameters: int

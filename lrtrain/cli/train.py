@@ -1,4 +1,5 @@
-"""A minimal classification training loop shared by the demo, tests and benchmarks."""
+"""The demo's classification training loop: :func:`fit` (cross-entropy on minibatches), :func:`evaluate`,
+:func:`ranks`."""
 from __future__ import annotations
 
 import time
@@ -7,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..layers.factors import FactorizedMixin, _check_int
 from .data import Dataset, batches
-from .layers.factors import FactorizedMixin, _check_int
 
 __all__ = ["History", "fit", "evaluate", "ranks"]
 
