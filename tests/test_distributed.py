@@ -312,3 +312,31 @@ def test_fsdp1_is_refused_before_anything_changes(digits):
             assert ("use_orig_params=False" if name.startswith("flat") else "use_orig_params=True") in res["init"]
             assert res["unchanged"], name
             assert res["groups"] == 1 and res["other_stepped"], name
+
+
+# ---------------------------------------------------------------------------- 4. FSDP2 after the optimizer
+def _fsdp2_late_worker(rank, X, Y):
+    """DLRT built before fully_shard holds the replaced parameters: its first step refuses, changing nothing."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    opt = lrtrain.DLRT(model.parameters(), **HP)
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    mine = torch.arange(rank, BATCH, WORLD)
+    F.cross_entropy(model(X[mine]), Y[mine]).backward()
+    before = [p.detach().full_tensor().clone() for p in model.parameters()]
+    try:
+        opt.step()
+        msg = None
+    except ValueError as e:
+        msg = str(e)
+    after = [p.detach().full_tensor() for p in model.parameters()]
+    return dict(msg=msg, unchanged=all(torch.equal(a, b) for a, b in zip(before, after)), state=len(opt.state))
+
+
+def test_fsdp2_after_the_optimizer_is_refused_at_the_first_step(digits):
+    X, Y = _data(digits)
+    for r in _spawn(_fsdp2_late_worker, X, Y):
+        assert r["msg"] is not None and "fully_shard" in r["msg"] and "nothing was updated" in r["msg"], r["msg"]
+        assert r["unchanged"] and r["state"] == 0

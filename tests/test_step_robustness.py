@@ -168,3 +168,17 @@ def test_optimizer_state_of_another_rank_is_refused_at_the_step():
     with pytest.raises(ValueError, match="same checkpoint"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_factor_replaced_after_the_optimizer_was_built_is_refused():
+    """Issue 20 item 12 (the FSDP2 case itself is in test_distributed): the optimizer would train a detached copy."""
+    model, opt = _trained()
+    layer = model[0]
+    layer.U = nn.Parameter(layer.U.detach().clone())  # what fully_shard does to every parameter
+    nn.functional.mse_loss(model(torch.randn(16, 12)), torch.randn(16, 4)).backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="fully_shard"):
+        opt.step()
+    _same(before, _snapshot(model, opt))
+    with pytest.raises(ValueError, match="fully_shard"):
+        DLRT([layer.S, layer.V, opt.param_groups[0]["params"][0]])

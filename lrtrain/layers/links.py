@@ -26,7 +26,7 @@ import weakref
 import torch
 from torch import nn
 
-__all__ = ["FactorLink", "link", "factor_of", "factor_of_view"]
+__all__ = ["FactorLink", "link", "factor_of", "factor_of_view", "replaced"]
 
 LINK_ATTR = "_lrtrain_factor"
 
@@ -71,6 +71,13 @@ def factor_of(p) -> tuple[nn.Module, str] | None:
     """(layer, role) when ``p`` is the current factor ``role`` of the live factorized ``layer``, else None."""
     hit = _resolve(getattr(p, LINK_ATTR, None))
     return None if hit is None or hit[2] is not p else hit[:2]
+
+
+def replaced(p) -> tuple[nn.Module, str] | None:
+    """(layer, role) when ``p`` was the factor ``role`` of a layer that is alive but now holds another
+    parameter there (FSDP2's ``fully_shard``, ``set_capacity``), else None."""
+    hit = _resolve(getattr(p, LINK_ATTR, None))
+    return None if hit is None or hit[2] is p else hit[:2]
 
 
 def factor_of_view(t: torch.Tensor) -> tuple[nn.Module, str] | None:

@@ -35,6 +35,7 @@ from .. import validation
 from ..update import check_backend
 from .base import BASES
 from .functional import LayerSlots, apply_step, compute_step, finite_gradients
+from ..layers.links import replaced
 from .params import LOW_PRECISION, Slot, find_layers, fsdp1_kind
 
 __all__ = ["DLRT", "DEFAULT_REFRESH"]
@@ -123,6 +124,7 @@ class DLRT(Optimizer):
                 if getattr(p, "_lrtrain_retired", False):
                     raise ValueError("params: a factor parameter replaced by set_capacity(); build the optimizer "
                                      "again from model.parameters()")
+                _refuse_replaced(p)
                 group_of[id(p)] = gi
         layers, _ = find_layers([p for g in self.param_groups for p in g["params"]])
         for layer in layers:
@@ -227,6 +229,8 @@ class DLRT(Optimizer):
 
     def _plan(self, group):
         """(layers, plain): factorized layers and plain params of ``group`` that have gradients."""
+        for p in group["params"]:
+            _refuse_replaced(p)
         layers, plain = find_layers(group["params"])
         stepped = []
         for l in layers:
@@ -277,6 +281,17 @@ class DLRT(Optimizer):
         biases = [Slot(l.bias, state(l.bias), full=False) if _grad(l.bias) is not None else None for l in layers]
         return [LayerSlots(l, *(Slot(getattr(l, r), state(getattr(l, r)), full=True) for r in "USV"), bias=b)
                 for l, b in zip(layers, biases)], dense
+
+
+def _refuse_replaced(p) -> None:
+    """A factor parameter its layer no longer holds: the optimizer would train a detached copy, silently."""
+    hit = replaced(p)
+    if hit is not None:
+        layer, role = hit
+        raise ValueError(f"params: the {role} this optimizer holds is no longer the {_name(layer)}'s {role}: the "
+                         "model's parameters were replaced after the optimizer was built (FSDP2's fully_shard "
+                         "replaces every parameter; so do set_capacity() and loads with assign=True). Build "
+                         "DLRT after fully_shard, from model.parameters(); nothing was updated")
 
 
 def _grad(p):
