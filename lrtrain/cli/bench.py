@@ -33,7 +33,7 @@ from ..convert import lowrank
 from ..layers import LowRankLinear
 from ..optim import DLRT
 from ..update import available
-from .args import CLIError, command_line, positive_float, positive_int
+from .args import CLIError, command_line, file_name, name_problem, output_dir, positive_float, positive_int
 from .models import mlp
 from .train import ranks as layer_ranks
 
@@ -324,7 +324,13 @@ def machine_info(torch_threads: int | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------- report
 def write_report(res: dict, out: str, name: str = "bench") -> str:
-    """Write ``{out}/{name}.md`` (command, machine, tables) and ``{name}.json`` of ``res``; returns the .md path."""
+    """Write ``{out}/{name}.md`` (command, machine, tables) and ``{name}.json`` of ``res``; returns the .md path.
+
+    ``name`` is a file name, not a path (ValueError, nothing written, for one with a path separator, '..' or
+    empty), so the report stays inside ``out``."""
+    why = name_problem(name)
+    if why is not None:
+        raise ValueError(f"report name {why}, got {name!r}")
     os.makedirs(out, exist_ok=True)
     m = res["machine"]
     L = ["# lrtrain bench", "", "Produced by:", "", "```bash", res["command"], "```", "",
@@ -366,8 +372,9 @@ def _step_model(spec: str) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time low-rank vs dense layers and training steps on this machine; write a report",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="lrtrain_out/bench", help="output directory")
-    p.add_argument("--name", default="bench", help="file name stem of the report")
+    p.add_argument("--out", default="lrtrain_out/bench", type=output_dir, help="output directory (created if missing)")
+    p.add_argument("--name", default="bench", type=file_name,
+                   help="file name stem of the report: writes OUT/NAME.md and OUT/NAME.json (a name, not a path)")
     p.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="groups to run")
     g = p.add_argument_group("layers")
     g.add_argument("--sizes", type=positive_int, nargs="+", default=[1024, 2048, 4096], help="square layer sizes")

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..layers.factors import FactorizedMixin, _check_int
+from ..layers.factors import FactorizedMixin
+from ..validation import flag, integer
 from .data import Dataset, batches
 
 __all__ = ["History", "fit", "evaluate", "ranks"]
@@ -19,7 +20,8 @@ class History:
     losses: list = field(default_factory=list)  # per step
     ranks: list = field(default_factory=list)  # per step: {layer name: rank}
     epoch_seconds: list = field(default_factory=list)
-    test_accuracy: float = float("nan")
+    epoch_accuracies: list = field(default_factory=list)  # test accuracy after each epoch (with eval_each_epoch)
+    test_accuracy: float = float("nan")  # after the last epoch
 
 
 def ranks(model) -> dict:
@@ -38,10 +40,15 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) ->
 
 
 def fit(model, opt, data: Dataset, epochs: int, batch_size: int = 128, seed: int = 0, progress=None,
-        scheduler=None, on_step=None) -> History:
-    """Train with cross-entropy for ``epochs``; ``progress`` wraps the batch iterator (e.g. tqdm)."""
+        scheduler=None, on_step=None, eval_each_epoch: bool = False) -> History:
+    """Train with cross-entropy for ``epochs``; ``progress`` wraps the batch iterator (e.g. tqdm).
+
+    ``on_step(model, opt, xb, yb)`` runs after each optimizer step; ``eval_each_epoch`` records the test
+    accuracy after every epoch in ``History.epoch_accuracies`` (untimed; the last one is ``test_accuracy``).
+    """
     for name, value, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        _check_int(name, value, lo)
+        integer(name, value, lo)
+    flag("eval_each_epoch", eval_each_epoch)
     gen = torch.Generator().manual_seed(seed)
     hist = History()
     model.train()
@@ -60,5 +67,7 @@ def fit(model, opt, data: Dataset, epochs: int, batch_size: int = 128, seed: int
         if scheduler is not None:
             scheduler.step()
         hist.epoch_seconds.append(time.perf_counter() - t0)
-    hist.test_accuracy = evaluate(model, data.test_x, data.test_y)
+        if eval_each_epoch:
+            hist.epoch_accuracies.append(evaluate(model, data.test_x, data.test_y))
+    hist.test_accuracy = hist.epoch_accuracies[-1] if eval_each_epoch else evaluate(model, data.test_x, data.test_y)
     return hist
