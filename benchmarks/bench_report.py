@@ -18,7 +18,7 @@ import os
 import sys
 
 import harness as B
-from lrtrain.cli.args import (ArgumentParser, command_line, data_spec, nonneg_float, nonneg_int, positive_float,
+from lrtrain.cli.args import (ArgumentParser, command_line, file_name, data_spec, nonneg_float, nonneg_int, positive_float,
                               positive_int)
 from lrtrain.cli.data import load_dataset
 
@@ -39,7 +39,7 @@ def parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="lrtrain_out/bench", help="output directory")
-    p.add_argument("--name", default="bench", help="file name stem of the report and plots")
+    p.add_argument("--name", type=file_name, default="bench", help="file name stem of the report and plots")
     p.add_argument("--only", nargs="+", choices=B.GROUPS, default=list(B.GROUPS), help="groups to run")
     p.add_argument("--data", default="auto", type=data_spec("auto", "digits"),
                    help=f"MNIST-format IDX directory, 'digits', or 'auto' ({B.MNIST_DIR} if it exists, else digits)")

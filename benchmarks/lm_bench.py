@@ -75,6 +75,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: import this ch
     sys.path.insert(0, str(ROOT))
 
 from harness.machine import installed_version, machine_info  # noqa: E402  (benchmarks/ is the script's directory)
+from lrtrain.cli.args import file_name  # noqa: E402
 from harness.memory import MIB, profile_step_memory  # noqa: E402
 from lrtrain.cli.bench import loadavg  # noqa: E402
 from lrtrain.cli.train import ranks as layer_ranks  # noqa: E402
@@ -777,7 +778,8 @@ def parse_args(argv=None):
         p.add_argument("--" + k.replace("_", "-"), type=int, dest=k)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--name", default=None, help="output stem (default lm_bench; lm_bench_smoke with --smoke)")
+    p.add_argument("--name", type=file_name, default=None,
+                   help="output stem (default lm_bench; lm_bench_smoke with --smoke); a file name, not a path")
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps: a seconds-long check of the pipeline")
     p.add_argument("--date", default=None, help="date written in the report (default: today, UTC)")
     p.add_argument("--report-only", metavar="JSON", help="write the .md (and plot) again from a results .json")
