@@ -1,5 +1,7 @@
 """CollapseMonitor, the rank-collapse bound, CollapseGuide and a quick neural-rank-collapse sweep (real MNIST)."""
+import copy
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from torch import nn
 import lrtrain
 from lrtrain.collapse import scatter_reference
 from lrtrain.collapse.analysis import dense_weight
+from lrtrain.layers.factors import FactorizedMixin
 from lrtrain.cli.data import batches
 from lrtrain.cli.models import mlp
 from lrtrain.update.spec import LayerStep
@@ -347,3 +350,96 @@ def test_monitor_skips_frozen_layers_and_refuses_them_by_name():
     with pytest.raises(ValueError, match="'1' is frozen"):
         lrtrain.CollapseMonitor(model, K, layers=["1", "3"])
     assert _hooks(model) == 0
+
+
+def _empty_batch_model(net: str, factorized: bool):
+    torch.manual_seed(0)
+    if net == "mlp":
+        model, shape = mlp(40, [32, 32], K), (40,)
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 16),
+                              nn.ReLU(), nn.Linear(16, K))
+        shape = (1, 6, 6)
+    return (lrtrain.lowrank(model, rank=4) if factorized else model), shape
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+@pytest.mark.parametrize("factorized", [False, True], ids=["dense", "factorized"])
+def test_monitor_records_nothing_for_an_empty_batch(net, factorized):
+    """Issue 20 item 2: a batch of 0 samples with labels of 0 entries goes through forward and backward (and a
+    no_grad forward) like any empty batch, and records nothing: every statistic equals that of a monitor that
+    never saw it (was: IndexError in the output-gradient hook; a no_grad empty batch made NC1 NaN)."""
+    model, shape = _empty_batch_model(net, factorized)
+    seen = lrtrain.CollapseMonitor(model, K, weight_decay=1e-3, nc1=1)
+    ref = lrtrain.CollapseMonitor(model, K, weight_decay=1e-3, nc1=1)
+    empty_x, empty_y = torch.randn(0, *shape), torch.zeros(0, dtype=torch.long)
+    for _ in range(3):
+        x, y = torch.randn(16, *shape), torch.randint(0, K, (16,))
+        model.zero_grad()
+        with seen.labels(y), ref.labels(y):
+            F.cross_entropy(model(x), y).backward()
+        model.zero_grad()
+        with seen.labels(empty_y):
+            F.cross_entropy(model(empty_x), empty_y).backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        with torch.no_grad(), seen.labels(empty_y):
+            model(empty_x)
+    a, b = seen.summary(), ref.summary()
+    for name in seen.layer_names:
+        sa, sb = a[name], b[name]
+        assert (sa.batches, sa.backward_batches, sa.samples) == (sb.batches, sb.backward_batches, sb.samples) == (3, 3, 48)
+        assert torch.equal(sa.counts, sb.counts) and torch.equal(sa.class_sums, sb.class_sums)
+        for key in ("tcv", "bcv", "ntcv", "nc1", "grad_norm", "delta_norm", "within", "residual", "bound"):
+            va, vb = getattr(sa, key), getattr(sb, key)
+            assert math.isfinite(va) and va == vb, (name, key, va, vb)
+        assert sa.last == sb.last and all(math.isfinite(v) for v in sa.last.values())
+        assert seen.batch_values(name) == ref.batch_values(name)  # the latest recorded batch: the last non-empty one
+
+
+def test_guided_dlrt_steps_through_empty_batches_without_a_measurement():
+    """DLRT(guide=monitor) on an empty batch: the step is taken as usual (not skipped) and the guide sees no
+    measurement for it (its "no_data" branch), while the non-empty batches are measured."""
+    model, shape = _empty_batch_model("conv", True)
+    mon = lrtrain.CollapseMonitor(model, K)
+    opt = lrtrain.DLRT(model.parameters(), lr=0.05, base="sgd", momentum=0.9, weight_decay=1e-3, tau=0.1, guide=mon)
+    factorized = [n for n, m in model.named_modules() if isinstance(m, FactorizedMixin)]
+    assert factorized
+    for i in range(6):
+        n = 0 if i % 2 else 16
+        x, y = torch.randn(n, *shape), torch.randint(0, K, (n,))
+        with mon.labels(y):
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.skipped_steps == 0
+    s = mon.summary()
+    for name in factorized:
+        assert s[name].batches == s[name].backward_batches == 3
+        assert s[name].guide["no_data"] == 3 and sum(s[name].guide.values()) == 6, s[name].guide
+        assert all(math.isfinite(getattr(s[name], k)) for k in ("tcv", "nc1", "grad_norm", "residual", "bound"))
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("factorized", [False, True], ids=["dense", "factorized"])
+def test_monitor_records_an_unbatched_input_as_one_sample(kind, factorized):
+    """An unbatched input (Conv2d: (C, H, W); Linear: (n,)), as nn.Conv2d / nn.Linear accept it, is one sample
+    labelled by one label: the same statistics as the batch of one (was: a labels/batch mismatch error, or an
+    IndexError in the hook)."""
+    torch.manual_seed(0)
+    layer, shape = (nn.Conv2d(2, 6, 3, padding=1), (2, 5, 5)) if kind == "conv" else (nn.Linear(12, 8), (12,))
+    if factorized:
+        layer = (lrtrain.LowRankConv2d if kind == "conv" else lrtrain.LowRankLinear).from_dense(layer, rank=2)
+    one, batched = nn.Sequential(layer), nn.Sequential(copy.deepcopy(layer))
+    kw = dict(weight_decay=1e-3, nc1=1, spectral="exact")
+    mon_one, mon_batched = lrtrain.CollapseMonitor(one, K, **kw), lrtrain.CollapseMonitor(batched, K, **kw)
+    for _ in range(3):
+        x, y = torch.randn(*shape), torch.randint(0, K, (1,))
+        for model, mon, inp in ((one, mon_one, x), (batched, mon_batched, x[None])):
+            with mon.labels(y):
+                model(inp).square().sum().backward()
+    a, b = mon_one.summary()["0"], mon_batched.summary()["0"]
+    assert (a.batches, a.backward_batches, a.samples, a.rows) == (b.batches, b.backward_batches, b.samples, b.rows)
+    assert a.batches == a.backward_batches == a.samples == 3
+    for key in ("tcv", "nc1", "grad_norm", "residual", "bound"):
+        assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-5, abs=1e-9), key

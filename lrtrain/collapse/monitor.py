@@ -42,7 +42,10 @@ O(rows × width × K) for NC1):
 
 Running values are averages over the batches since :meth:`CollapseMonitor.reset` (pooled for the
 class statistics). Labels: ``monitor.set_labels(y)`` before the forward pass, or
-``with monitor.labels(y): ...``; forward passes without labels are not recorded.
+``with monitor.labels(y): ...``; forward passes without labels are not recorded, and neither is an empty
+batch (0 samples with 0 labels, or samples without rows): it trains as usual and leaves every statistic as it
+was (DLRT's guide sees no measurement for that step). An unbatched input (Linear: (n,), Conv2d: (C, H, W))
+is one sample, labelled by a label tensor of one entry.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from torch import nn
 
 from ..layers.factors import FactorizedMixin
 from ..layers.kinds import kind_of
+from ..validation import flag, integer, real
 from .spectral import SpectralNorm
 from .stats import ClassStats, check_labels, nc1_from_terms, nc1_terms, one_hot
 
@@ -210,10 +214,18 @@ class _Layer:
             if monitor._bid % monitor.every:
                 return
             x = inputs[0].detach()
+            # an unbatched input (Linear: (n,), Conv2d: (C, H, W)) is one sample, its output gradient too
+            unbatched = x.dim() == (3 if self.layer_kind.embedding == "conv" else 1)
+            if unbatched:
+                x = x[None]
             if x.shape[0] != lab.shape[0]:
                 raise ValueError(f"CollapseMonitor: labels have {lab.shape[0]} entries but layer {self.name!r} "
                                  f"received a batch of {x.shape[0]}; call set_labels with this batch's labels")
+            if lab.shape[0] == 0:
+                return  # an empty batch: nothing to measure, nothing recorded (no hook on its backward)
             X, per = self.layer_kind.embed(self.module, x)
+            if X.shape[0] == 0:
+                return  # samples without rows (a Linear input (N, 0, n)): nothing to measure either
             onehot, counts, inv = monitor._onehot(X.dtype, per)
             sums = onehot.mT @ X
             means = sums * inv[:, None]
@@ -237,7 +249,7 @@ class _Layer:
             self.samples += lab.shape[0]
             self.rows += X.shape[0]
             if backward:
-                output.register_hook(lambda g: self._on_grad(g, rec))
+                output.register_hook(lambda g: self._on_grad(g[None] if unbatched else g, rec))
 
         return hook
 
@@ -370,6 +382,9 @@ class CollapseMonitor:
             in the output-gradient hook (the input x is held until then; autograd holds it anyway).
             False: the cheaper tangent part plus the bound ‖G‖₂‖X‖_F for the rest (‖R‖_F, B over-estimated).
 
+    A refused argument raises ValueError naming it and its allowed values (the shared checkers of
+    :mod:`lrtrain.validation`).
+
     Use ``opt = lrtrain.DLRT(..., guide=monitor)`` to let the measured bound steer the ranks
     (:mod:`lrtrain.rank.guided`). ``monitor.remove()`` detaches every hook.
     """
@@ -380,21 +395,18 @@ class CollapseMonitor:
         # Every argument is checked, and the layers to watch are found, before any hook is registered.
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if weight_decay is not None and not (isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool)
-                                             and 0 <= weight_decay < math.inf):
-            raise ValueError(f"weight_decay must be a finite float >= 0 or None, got {weight_decay!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if not (isinstance(nc1, int) and nc1 >= 0):
-            raise ValueError(f"nc1 must be a bool or an int >= 0, got {nc1!r}")
-        if not isinstance(exact_residual, bool):
-            raise ValueError(f"exact_residual must be True or False, got {exact_residual!r}")
-        SpectralNorm(spectral, power_iters, power_block)  # checks spectral, power_iters, power_block
-        for arg, v in (("power_iters", power_iters), ("power_block", power_block)):
-            if isinstance(v, bool):
-                raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
+        # The shared checkers (lrtrain.validation), ValueError for every refusal as before (type_error off).
+        num_classes = integer("num_classes", num_classes, 2)
+        if weight_decay is not None:
+            try:
+                weight_decay = real("weight_decay", weight_decay, 0.0)
+            except TypeError as e:  # a non-number: ValueError, like every other refused monitor argument
+                raise ValueError(str(e)) from None
+        every = integer("every", every, 1)
+        nc1 = int(nc1) if isinstance(nc1, bool) else integer("nc1", nc1, 0)  # True: every batch, False: never
+        exact_residual = flag("exact_residual", exact_residual)
+        power_iters, power_block = integer("power_iters", power_iters, 1), integer("power_block", power_block, 1)
+        SpectralNorm(spectral, power_iters, power_block)  # checks spectral ('power' or 'exact')
         if isinstance(layers, str):
             layers = [layers]  # one name, not its characters
         if layers is not None and not (isinstance(layers, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in layers)):
@@ -420,8 +432,8 @@ class CollapseMonitor:
             raise ValueError("model has no nn.Linear / nn.Conv2d / LowRankLinear / LowRankConv2d layer to monitor")
 
         self.num_classes = num_classes
-        self.weight_decay = None if weight_decay is None else float(weight_decay)
-        self.nc1, self.every = int(nc1), every
+        self.weight_decay = weight_decay
+        self.nc1, self.every = nc1, every
         self.exact_residual = exact_residual
         self.spectral, self.power_iters, self.power_block = spectral, power_iters, power_block
         self.enabled = True
