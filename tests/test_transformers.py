@@ -271,6 +271,15 @@ def test_vit_patch_conv2d_round_trip(tf, tmp_path):
         tf.ViTForImageClassification.from_pretrained(tmp_path)
 
 
+def _resign(ck):
+    """Record the current sha256 of every weight file in ck/lrtrain.json (a checkpoint edited consistently)."""
+    import hashlib
+
+    meta = json.loads((ck / "lrtrain.json").read_text())
+    meta["files"] = {n: hashlib.sha256((ck / n).read_bytes()).hexdigest() for n in meta["files"]}
+    (ck / "lrtrain.json").write_text(json.dumps(meta))
+
+
 def test_save_and_load_refuse_bad_input(tf, tmp_path):
     model = lrtrain.lowrank(_gpt2(tf), rank=8)
     with pytest.raises(TypeError, match="PreTrainedModel"):
@@ -298,12 +307,18 @@ def test_save_and_load_refuse_bad_input(tf, tmp_path):
     weights = load_file(ck / "model.safetensors")
     save_file({k: v for k, v in weights.items() if k != "transformer.ln_f.weight"}, ck / "model.safetensors",
               metadata={"format": "pt"})
+    # an edited weights file no longer matches its sha256 in lrtrain.json; re-signed, it is checked for what it holds
+    with pytest.raises(ValueError, match=r"model.safetensors: its sha256 does not match lrtrain.json"):
+        lrtrain.from_pretrained(tf.GPT2LMHeadModel, ck)
+    _resign(ck)
     with pytest.raises(ValueError, match=r"missing keys \['transformer.ln_f.weight'\]"):
         lrtrain.from_pretrained(tf.GPT2LMHeadModel, ck)
     save_file({**weights, "transformer.extra": torch.zeros(2)}, ck / "model.safetensors", metadata={"format": "pt"})
+    _resign(ck)
     with pytest.raises(ValueError, match=r"unexpected keys \['transformer.extra'\]"):
         lrtrain.from_pretrained(tf.GPT2LMHeadModel, ck)
     save_file(weights, ck / "model.safetensors", metadata={"format": "pt"})
+    _resign(ck)
     meta = json.loads((ck / "lrtrain.json").read_text())
     meta["layers"][0]["rank"] += 1
     (ck / "lrtrain.json").write_text(json.dumps(meta))
