@@ -49,6 +49,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import convert
 from .convert import _aliases
 from .layers.factors import FactorizedMixin
 from .layers.kinds import KINDS, kind_named, kind_of
@@ -351,6 +352,9 @@ def _attach(model: nn.Module) -> nn.Module:
         model.register_load_state_dict_pre_hook(_drop_markers)
         model.__dict__["_lrtrain_marker_hook"] = True
     return model
+
+
+convert.CONVERTED_HOOKS.append(_attach)
 
 
 # ---------------------------------------------------------------- loading

@@ -4,24 +4,35 @@ One example builds a small model (a factorized Conv2d and Linear, a Linear left 
 side layer that joins the optimizer only through ``add_param_group``) and a DLRT optimizer with random
 settings, then runs a random list of operations:
 
-- ``step``: a real forward/backward on a seeded batch, then gradients with NaN / ±Inf / tiny (1e-36) /
-  huge (1e20) / zero entries written into one parameter's active gradient;
+- ``step``: a real forward/backward on a seeded batch (of 0, 1, 3 or 16 samples: an empty batch is legal), then
+  gradients with NaN / ±Inf / tiny (1e-36) / huge (1e20) / zero entries written into one parameter's active
+  gradient, or a batch with a dead input channel (gradients with zero coordinates) or all zeros; with AdamW and
+  eps = 0 in some configurations (0/0 in the update: the step goes through or is skipped and counted), and
+  in some a ``CollapseMonitor`` labelling every batch as DLRT's guide;
 - ``add_group``: legal (the side layer, all of it) and illegal groups (bad hyperparameters, a layer's
   factors split, parameters already in a group);
 - ``save`` (model + optimizer ``state_dict`` to bytes) and ``load`` of an earlier save;
 - ``corrupt_layer`` / ``corrupt_opt``: ``load_state_dict`` of corrupted state (wrong shapes, ranks outside
   [1, capacity], non-finite factors, missing groups);
-- ``construct``: layers and conversions with random legal / illegal arguments.
+- ``construct``: layers and conversions with random legal / illegal arguments;
+- ``unbatched``: the factorized conv on one unbatched image (C, H, W): the batched result, gradients included;
+- ``frozen``: a frozen LowRankLinear (U, S, V, bias requires_grad=False) in a DLRT given all the model's
+  parameters (left alone, like a frozen parameter), and ``lowrank`` of a model with a frozen nn.Linear (kept frozen).
 
 After every operation: every factorized layer's active factors are finite, U and V orthonormal
 (‖UᵀU − I‖ < 1e-5, float32 factors), the inactive parts zero; a refused call (ValueError / TypeError /
 RuntimeError from validation, FloatingPointError under ``nonfinite="raise"``) changed nothing (all
 parameters, buffers, ranks and optimizer state compared bitwise); a layer whose gradient was not finite
-kept its factors, bias, rank and optimizer state. At the end: a fresh model and optimizer built the same
-way, loaded from the first save and given the same later operations, end bitwise equal to the original.
+kept its factors, bias, rank and optimizer state; every parameter is finite; with AdamW each stepped factorized
+layer was either stepped (its S state's step advanced) or skipped (unchanged) and then counted in
+``skipped_steps``; with the monitor, a non-empty batch adds one batch to every watched layer and an empty batch
+changes no statistic and gives the guide no measurement (only its "no_data" count grows). At the end: a fresh
+model and optimizer built the same way, loaded from the first save and given the same later operations, end
+bitwise equal to the original.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -67,10 +78,13 @@ def build(cfg: dict):
     model = Net(cfg["rank"])
     assert isinstance(model.body[0], LowRankConv2d) and isinstance(model.body[3], LowRankLinear)
     assert type(model.body[5]) is nn.Linear
+    # exact ‖G‖₂: the monitor carries no warm start between batches, so a resumed run's guide decides the same
+    mon = (lrtrain.CollapseMonitor(model, CLASSES, weight_decay=cfg["weight_decay"], spectral="exact")
+           if cfg.get("monitor") else None)
     opt = DLRT(model.body.parameters(), lr=cfg["lr"], base=cfg["base"], momentum=cfg["momentum"],
                nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"], tau=cfg["tau"], min_rank=cfg["min_rank"],
-               nonfinite=cfg["nonfinite"], backend=cfg["backend"])
-    return model, opt
+               eps=cfg.get("eps", 1e-8), nonfinite=cfg["nonfinite"], backend=cfg["backend"], guide=mon)
+    return model, opt, mon
 
 
 def layers(model):
@@ -112,6 +126,8 @@ def diff(a: dict, b: dict) -> list:
 
 
 def check_factors(model, cfg) -> None:
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), f"{name}: not finite"
     for name, m in model.named_modules():
         if not isinstance(m, FactorizedMixin):
             continue
@@ -129,10 +145,11 @@ def check_factors(model, cfg) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- operations
-GRAD_MODES = ["none", "none", "none", "nan", "inf", "-inf", "tiny_entry", "tiny_all", "huge_entry", "huge_all", "zero_all"]
+GRAD_MODES = ["none", "none", "none", "nan", "inf", "-inf", "tiny_entry", "tiny_all", "huge_entry", "huge_all", "zero_all",
+              "dead_input", "zero_input"]  # the last two change the batch: gradients with zero coordinates / all zero
 
 step_op = st.tuples(st.just("step"), st.integers(0, 2 ** 16), st.sampled_from(GRAD_MODES), st.integers(0, 63),
-                    st.sampled_from([1, 3, 16]))
+                    st.sampled_from([0, 1, 3, 16]))
 ILLEGAL_GROUPS = ["lr<0", "lr=nan", "lr=str", "tau<0", "base", "momentum=1", "betas", "min_rank=0", "min_rank=float",
                   "wd=nan", "eps<0", "U only", "U,V no S", "duplicate"]  # an empty group is legal, as in torch.optim
 group_op = st.tuples(st.just("add_group"), st.sampled_from(["legal"] * 3 + ILLEGAL_GROUPS),
@@ -147,19 +164,23 @@ corrupt_opt_op = st.tuples(st.just("corrupt_opt"), st.sampled_from(OPT_CORRUPTIO
 ARG = st.sampled_from([None, None, -1, 0, 1, 2, 3, 5, 8, 100, 2.0, True, "2"])
 construct_op = st.tuples(st.just("construct"), st.sampled_from(["linear", "conv", "lowrank"]), ARG, ARG, ARG,
                          st.sampled_from([None, None, -0.1, 0.0, 0.2, float("nan")]))
-OPS = st.one_of(step_op, step_op, step_op, step_op, step_op, step_op, group_op, save_op, load_op, corrupt_layer_op, corrupt_opt_op, construct_op)
+unbatched_op = st.tuples(st.just("unbatched"), st.integers(0, 2 ** 16))
+frozen_op = st.tuples(st.just("frozen"), st.sampled_from(["layer", "lowrank"]), st.integers(0, 3), st.integers(0, 1))
+OPS = st.one_of(step_op, step_op, step_op, step_op, step_op, step_op, group_op, save_op, load_op, corrupt_layer_op,
+                corrupt_opt_op, construct_op, unbatched_op, frozen_op)
 
 CONFIG = st.fixed_dictionaries(dict(
     seed=st.integers(0, 3), rank=st.sampled_from([1, 2, 4]), base=st.sampled_from(["adamw", "sgd"]),
     lr=st.sampled_from([1e-3, 3e-2, 0.5]), momentum=st.sampled_from([0.0, 0.9]), nesterov=st.just(False),
     weight_decay=st.sampled_from([0.0, 1e-2]), tau=st.sampled_from([0.0, 0.1, 0.4]), min_rank=st.sampled_from([1, 2]),
-    nonfinite=st.sampled_from(["skip", "skip", "raise"]), backend=st.sampled_from(["reference", "auto"])))
+    nonfinite=st.sampled_from(["skip", "skip", "raise"]), backend=st.sampled_from(["reference", "auto"]),
+    eps=st.sampled_from([1e-8, 1e-8, 0.0]), monitor=st.sampled_from([False, False, True])))
 
 
 class World:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.model, self.opt = build(cfg)
+        self.model, self.opt, self.monitor = build(cfg)
         self.saves: list = []  # (bytes, snapshot)
 
 
@@ -176,7 +197,12 @@ def do_step(w: World, seed: int, mode: str, target: int, batch: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *IN_SHAPE, generator=g)
     y = torch.randint(0, CLASSES, (batch,), generator=g)
-    F.cross_entropy(model(x), y).backward()
+    if mode == "dead_input":  # one input channel 0: the conv's and the side layer's gradients have zero rows
+        x[:, seed % IN_SHAPE[0]] = 0.0
+    elif mode == "zero_input":  # the conv's U, S, V gradients all zero (its bias's not)
+        x.zero_()
+    with w.monitor.labels(y) if w.monitor is not None else contextlib.nullcontext():
+        F.cross_entropy(model(x), y).backward()  # an empty batch: NaN loss (a mean over nothing), zero gradients
     stepped = {id(p) for grp in opt.param_groups for p in grp["params"]}
     owners = {}
     for m in layers(model):
@@ -330,6 +356,81 @@ def do_construct(kind, rank, max_rank, capacity, tau):
     assert torch.isfinite(out(x)).all()
 
 
+MONITOR_VALUES = ("tcv", "bcv", "ntcv", "nc1", "grad_norm", "delta_norm", "within", "residual", "bound")
+
+
+def monitor_view(mon) -> tuple[dict, dict]:
+    """({layer: its collapse statistics, bitwise (NaN as "nan")}, {layer: the guide's decision counts})."""
+    stats, guide = {}, {}
+    for n, s in mon.summary().items():
+        stats[n] = (s.batches, s.backward_batches, s.samples, s.rows, _bits(s.counts), _bits(s.class_sums),
+                    tuple(_value(getattr(s, k)) for k in MONITOR_VALUES),
+                    tuple(sorted((k, _value(v)) for k, v in s.last.items())))
+        guide[n] = dict(s.guide)
+    return stats, guide
+
+
+def _adam_step(opt, layer) -> float:
+    """The AdamW step count of a factorized layer (its S state's; 0 before its first step)."""
+    v = opt.state.get(layer.S, {}).get("step", 0)
+    return float(v.item() if torch.is_tensor(v) else v)
+
+
+def do_unbatched(w: World, seed: int) -> None:
+    """The model's factorized conv on one unbatched image (C, H, W): the result and the factor gradients of
+    the same image as a batch of one (autograd.grad: nothing accumulates into .grad)."""
+    conv = w.model.body[0]
+    x = torch.randn(*IN_SHAPE, generator=torch.Generator().manual_seed(seed))
+    params = [conv.U, conv.S, conv.V] + ([conv.bias] if conv.bias is not None else [])
+    out, ref = conv(x), conv(x[None])
+    assert out.shape == ref.shape[1:] == (conv.out_channels, *IN_SHAPE[1:]), (tuple(out.shape), tuple(ref.shape))
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.detach().abs().max().clamp_min(1.0)))  # noqa: E731
+    assert close(out, ref[0]), "unbatched conv output differs from the batch of one"
+    for p, ga, gb in zip("USVb", torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        assert ga.shape == gb.shape and close(ga, gb), f"unbatched conv: gradient of {p} differs"
+
+
+def do_frozen(cfg, variant: str, seed: int, which: int) -> None:
+    """A frozen layer beside a trained one, stepped by a DLRT built like the world's over the trainable
+    parameters (a non-empty and an empty batch): the frozen one gets no gradient and stays bitwise unchanged.
+
+    ``layer``: a LowRankLinear with U, S, V and bias requires_grad=False (a DLRT given all the model's
+    parameters leaves it alone, like a frozen parameter; the monitor skips it); ``lowrank``: the conversion of a
+    model whose nn.Linear ``which`` is frozen keeps that layer frozen (converted or not, none of its parameters
+    requires grad) and the other trainable."""
+    torch.manual_seed(seed)
+    if variant == "layer":
+        model = nn.Sequential(LowRankLinear(12, 8, rank=2), nn.ReLU(), LowRankLinear(8, CLASSES, rank=2))
+        frozen = model[2 * which]
+        frozen.requires_grad_(False)
+        mon = lrtrain.CollapseMonitor(model, CLASSES)
+        assert str(2 * which) in dict(mon.skipped) and str(2 - 2 * which) in mon.layer_names
+        mon.remove()
+    else:
+        dense = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, CLASSES))
+        dense[2 * which].requires_grad_(False)
+        model = lrtrain.lowrank(dense, rank=2, min_features=4)
+        frozen = model[2 * which]
+        assert not any(p.requires_grad for p in frozen.parameters()), \
+            f"lowrank unfroze {type(frozen).__name__} {2 * which}: {[n for n, p in frozen.named_parameters() if p.requires_grad]}"
+        assert all(p.requires_grad for p in model[2 - 2 * which].parameters())
+    before = {n: _bits(v) for n, v in frozen.state_dict().items()}
+    params = model.parameters() if variant == "layer" else [p for p in model.parameters() if p.requires_grad]
+    opt = DLRT(params, lr=cfg["lr"], base=cfg["base"],
+               momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], tau=cfg["tau"],
+               eps=cfg.get("eps", 1e-8), backend=cfg["backend"])
+    g = torch.Generator().manual_seed(seed)
+    for batch in (4, 0):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(torch.randn(batch, 12, generator=g)), torch.randint(0, CLASSES, (batch,), generator=g)).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            opt.step()
+        assert all(p.grad is None for p in frozen.parameters())
+        assert {n: _bits(v) for n, v in frozen.state_dict().items()} == before, "the frozen layer changed"
+        check_factors(model, cfg)
+
+
 def _event(text: str) -> None:
     """hypothesis statistics (pytest --hypothesis-show-statistics); nothing outside a hypothesis test."""
     try:
@@ -344,9 +445,22 @@ def apply(w: World, op) -> None:
     before = snapshot(model, opt)
     name = op[0]
     _event(f"op {name}" + (f" {op[2]}" if name in ("step", "corrupt_layer") else f" {op[1]}"
-                           if name in ("add_group", "corrupt_opt", "construct") else ""))
+                           if name in ("add_group", "corrupt_opt", "construct", "frozen") else ""))
     if name == "step":
+        mon, batch = w.monitor, op[4]
+        _event("step " + ("empty batch" if batch == 0 else "batch") + (" monitored" if mon is not None else "")
+               + (" eps=0 adamw" if cfg.get("eps") == 0 and cfg["base"] == "adamw" else ""))
+        mon_before = monitor_view(mon) if mon is not None else None
         keep, layer = do_step(w, *op[1:])
+        if mon is not None:  # a non-empty batch: one more batch in every layer; an empty one: nothing recorded
+            mid, _ = monitor_view(mon)
+            for n, old in mon_before[0].items():
+                if batch == 0:
+                    assert mid[n] == old, f"monitor: an empty batch changed the statistics of {n}"
+                else:
+                    assert mid[n][:3] == (old[0] + 1, old[1] + 1, old[2] + batch), (n, mid[n][:3], old[:3])
+        stepped = [m for m in layers(model) if any(p is m.S for g in opt.param_groups for p in g["params"])]
+        adam_steps = {id(m): _adam_step(opt, m) for m in stepped}
         grads_ok = keep == []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -367,6 +481,28 @@ def apply(w: World, op) -> None:
                 lname = next(n for n, m in model.named_modules() if m is layer)
                 assert after[f"layer {lname}"] == before[f"layer {lname}"]
             assert after["skipped_steps"] > before["skipped_steps"]
+        assert after["skipped_steps"] >= before["skipped_steps"]
+        if cfg["base"] == "adamw":  # (eps = 0 included) every layer stepped, or skipped, unchanged, and counted
+            index = {id(p): f"p{i}" for i, p in enumerate(model.parameters())}
+            names = {id(m): n for n, m in model.named_modules()}
+            skipped = 0
+            for m in stepped:
+                if _adam_step(opt, m) == adam_steps[id(m)] + 1:
+                    continue
+                lname = names[id(m)]
+                owned = [(r, getattr(m, r)) for r in ("U", "S", "V", "bias") if getattr(m, r) is not None]
+                assert after[f"layer {lname}"] == before[f"layer {lname}"] and all(
+                    after[f"param {lname}.{r}"] == before[f"param {lname}.{r}"]
+                    and after["state"].get(index[id(p)]) == before["state"].get(index[id(p)]) for r, p in owned), \
+                    f"{lname}: neither stepped nor left unchanged (eps={cfg.get('eps')})"
+                skipped += 1
+            assert after["skipped_steps"] - before["skipped_steps"] >= skipped, "a skipped layer was not counted"
+        if mon is not None and batch == 0:  # the guide got no measurement of the empty batch
+            _, guide = monitor_view(mon)
+            for n, counts in guide.items():
+                old = mon_before[1][n]
+                assert {k: v for k, v in counts.items() if k != "no_data"} == \
+                    {k: v for k, v in old.items() if k != "no_data"}, f"guide measured an empty batch: {n} {counts}"
     elif name == "add_group":
         kind, lr, tau = op[1:]
         added = any(p is model.side.U for g in opt.param_groups for p in g["params"])
@@ -409,6 +545,12 @@ def apply(w: World, op) -> None:
     elif name == "construct":
         do_construct(*op[1:])
         assert diff(before, snapshot(model, opt)) == [], "constructing other layers changed this model"
+    elif name == "unbatched":
+        do_unbatched(w, op[1])
+        assert diff(before, snapshot(model, opt)) == [], "an unbatched forward changed the model"
+    elif name == "frozen":
+        do_frozen(cfg, *op[1:])
+        assert diff(before, snapshot(model, opt)) == [], "a frozen-layer model changed this model"
     check_factors(model, cfg)
 
 
@@ -421,7 +563,7 @@ def run_ops(cfg, ops):
         if op[0] == "save" and save_at is None:
             save_at = k
     if save_at is None:
-        return
+        return w
     # Resume: a fresh model + optimizer built the same way (the same groups added before the save), loaded
     # from the first save, given the same later operations, ends bitwise equal to the original run.
     r = World(cfg)
@@ -438,6 +580,7 @@ def run_ops(cfg, ops):
         apply(r, op)
     assert diff(snapshot(w.model, w.opt), snapshot(r.model, r.opt)) == [], "resumed run differs from the original"
     _event(f"resume checked after {len(ops) - save_at - 1} ops")
+    return w
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
@@ -445,6 +588,37 @@ def run_ops(cfg, ops):
 @given(cfg=CONFIG, ops=st.lists(OPS, min_size=4, max_size=30))
 def test_random_call_sequences_keep_factors_orthonormal_refusals_atomic_and_resume_bitwise(cfg, ops):
     run_ops(cfg, ops)
+
+
+BASE_CFG = dict(seed=0, rank=2, base="adamw", lr=1e-2, momentum=0.0, nesterov=False, weight_decay=0.0, tau=0.1,
+                min_rank=1, nonfinite="skip", backend="reference")
+EMPTY_STEPS = [("step", 1, "none", 0, 0), ("step", 2, "none", 0, 4), ("step", 3, "none", 0, 0), ("step", 4, "nan", 2, 0)]
+
+
+@pytest.mark.parametrize("cfg,ops", [
+    (dict(eps=0.0), [("step", 1, "dead_input", 0, 4), ("step", 2, "zero_input", 0, 4), ("step", 3, "none", 0, 16),
+                     ("step", 4, "zero_all", 5, 3)]),
+    (dict(eps=0.0, nonfinite="raise"), [("step", 1, "zero_input", 0, 4), ("step", 2, "dead_input", 1, 4)]),
+    ({}, EMPTY_STEPS),
+    (dict(monitor=True), EMPTY_STEPS),
+    (dict(monitor=True, base="sgd", momentum=0.9, weight_decay=1e-2), EMPTY_STEPS),
+    (dict(monitor=True, eps=0.0), EMPTY_STEPS),
+    ({}, [("step", 1, "none", 0, 4), ("unbatched", 5), ("unbatched", 6)]),
+    ({}, [("frozen", "layer", 0, 0), ("frozen", "layer", 1, 1)]),
+    (dict(base="sgd", momentum=0.9), [("frozen", "lowrank", 0, 0), ("frozen", "lowrank", 1, 1)]),
+], ids=["eps=0 dead/zero inputs", "eps=0 raise", "empty batches", "empty batches monitored",
+        "empty batches monitored sgd", "empty batches monitored eps=0", "unbatched conv", "frozen LowRankLinear",
+        "lowrank keeps frozen Linear"])
+def test_issue20_legal_inputs(cfg, ops):
+    """Each input issue 20 made legal, alone (the random sequences above mix them): eps = 0 with zero
+    gradient coordinates, empty batches (with the monitor as DLRT's guide too), an unbatched conv input,
+    frozen layers; then a save, a step and the bitwise resume check."""
+    w = run_ops(BASE_CFG | cfg, ops + [("save",), ("step", 9, "none", 0, 3)])
+    if cfg.get("eps") == 0.0 and cfg.get("nonfinite") != "raise":
+        assert w.opt.skipped_steps > 0  # the all-zero conv gradient: 0/0 in AdamW's update, skipped and counted
+    if w.monitor is not None:
+        s = w.monitor.summary()
+        assert all(v.batches == 2 for v in s.values()), {n: v.batches for n, v in s.items()}  # the two non-empty ones
 
 
 def test_optimizer_load_refuses_a_moment_of_the_wrong_shape_and_changes_nothing():

@@ -182,3 +182,23 @@ def test_a_factor_replaced_after_the_optimizer_was_built_is_refused():
     _same(before, _snapshot(model, opt))
     with pytest.raises(ValueError, match="fully_shard"):
         DLRT([layer.S, layer.V, opt.param_groups[0]["params"][0]])
+
+
+def test_a_wholly_frozen_factorized_layer_is_skipped_like_a_frozen_parameter():
+    """lowrank keeps a frozen layer frozen (issue 20 item 6); DLRT(model.parameters()) then leaves it alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 4))
+    model[0].requires_grad_(False)
+    from lrtrain import lowrank
+
+    lowrank(model, rank=3, min_features=1)
+    assert not any(p.requires_grad for p in model[0].parameters())
+    opt = DLRT(model.parameters(), lr=1e-2)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    moving = model[2].S.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(8, 12)), torch.randn(8, 4)).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model[0].parameters()))
+    assert not torch.equal(moving, model[2].S) and model[0].U not in opt.state

@@ -21,7 +21,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .autograd import active, compute_dtype, core_backward, pad_grads
-from .factors import FactorizedMixin, _check_bool, _check_int, truncated_svd_factors
+from .. import validation
+from .factors import FactorizedMixin, truncated_svd_factors
 
 __all__ = ["LowRankConv2d"]
 
@@ -120,18 +121,20 @@ class _LowRankConv2dFunction(torch.autograd.Function):
 class LowRankConv2d(FactorizedMixin, nn.Module):
     """Drop-in for ``nn.Conv2d`` (groups = 1, zero padding) with a rank-r factorized kernel.
 
-    Shapes: input (N, in, H, W) -> (N, out, H', W'); parameters U (out, c), S (c, c), V (in·kh·kw, c) at
+    Shapes: input (N, in, H, W) -> (N, out, H', W'), or unbatched (in, H, W) -> (out, H', W') as for
+    nn.Conv2d; parameters U (out, c), S (c, c), V (in·kh·kw, c) at
     capacity c, of which the active rank r is used (see :mod:`.factors`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
                  dilation=1, bias: bool = True, max_rank: int | None = None, groups: int = 1,
                  padding_mode: str = "zeros", device=None, dtype=None, capacity: int | None = None):
-        in_channels, out_channels = _check_int("in_channels", in_channels, 1), _check_int("out_channels", out_channels, 1)
+        in_channels = validation.integer("in_channels", in_channels, 1)
+        out_channels = validation.integer("out_channels", out_channels, 1)
         _check_conv(groups, padding_mode, padding)
         kernel_size, stride = _check_pair("kernel_size", kernel_size, 1), _check_pair("stride", stride, 1)
         padding, dilation = _check_pair("padding", padding, 0), _check_pair("dilation", dilation, 1)
-        _check_bool("bias", bias)
+        validation.flag("bias", bias)
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
@@ -140,8 +143,13 @@ class LowRankConv2d(FactorizedMixin, nn.Module):
         self._init_bias(bias, self.out_channels, fan_in, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LowRankConv2dFunction.apply(x, self.U, self.S, self.V, self.bias, self.rank,
-                                            self.kernel_size, self.stride, self.padding, self.dilation)
+        if x.dim() not in (3, 4):
+            raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to LowRankConv2d, but got input of "
+                               f"size: {list(x.shape)}")
+        unbatched = x.dim() == 3  # (C, H, W), as nn.Conv2d accepts it: computed as a batch of one
+        y = _LowRankConv2dFunction.apply(x.unsqueeze(0) if unbatched else x, self.U, self.S, self.V, self.bias,
+                                         self.rank, self.kernel_size, self.stride, self.padding, self.dilation)
+        return y.squeeze(0) if unbatched else y
 
     @property
     def weight(self) -> torch.Tensor:

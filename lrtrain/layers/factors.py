@@ -8,7 +8,8 @@ never change while training: :class:`lrtrain.DLRT` writes every update in place 
 is the explicit :meth:`FactorizedMixin.set_capacity` (new parameters: rebuild the optimizer).
 
 Capacity rule (default): c = ``max_rank`` when given, else min(2·rank, min(out, in_flat)); ``max_rank``
-(the largest rank the optimizer may choose) defaults to c and must be ≤ c.
+(the largest rank the optimizer may choose) defaults to c and must be ≤ c. (``lrtrain.lowrank`` also caps
+its default at :func:`dense_capacity`, the largest c allocating no more than the dense weight.)
 
 Where r lives: a plain tensor attribute ``_rank_probe`` of shape (r, 0) made by :func:`rank_probe`,
 mirrored in the int64 buffer ``active_rank`` that checkpoints carry. The forward passes
@@ -30,15 +31,16 @@ the model, in deep and EMA copies and after unpickling; there is no registry of 
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 
 import torch
 from torch import nn
 
+from .. import validation
 from .links import link
 
-__all__ = ["FactorizedMixin", "default_capacity", "rank_probe", "ROLES", "truncated_svd_factors"]
+__all__ = ["FactorizedMixin", "default_capacity", "dense_capacity", "rank_probe", "ROLES", "truncated_svd_factors",
+           "orthonormality_error", "orthonormality_tolerance", "ORTHONORMALITY_TOLERANCE"]
 
 ROLES = ("U", "S", "V")
 
@@ -46,6 +48,52 @@ ROLES = ("U", "S", "V")
 def default_capacity(rank: int, full: int, max_rank: int | None = None) -> int:
     """c = max_rank if given, else min(2·rank, full): room for the rank to double."""
     return int(max_rank) if max_rank is not None else min(2 * int(rank), full)
+
+
+def dense_capacity(out_f: int, in_f: int) -> int:
+    """The largest capacity c whose factors allocate no more than the dense weight: c(out + in) + c² <= out·in
+    (0 when even c = 1 would not fit). Always below min(out, in)."""
+    m, n = int(out_f), int(in_f)
+    c = (math.isqrt((m + n) ** 2 + 4 * m * n) - (m + n)) // 2  # the positive root of c² + (m + n) c - m n
+    while (c + 1) * (m + n) + (c + 1) ** 2 <= m * n:
+        c += 1
+    while c > 0 and c * (m + n) + c * c > m * n:
+        c -= 1
+    return c
+
+
+# Largest ‖U_rᵀU_r − I‖_max (and the same for V) a checkpoint's factors may have, by the precision their
+# values carry (see orthonormality_tolerance). Measured on the digits MLP over 3,000 DLRT steps with rank
+# changes: float64 1e-15, float32 5e-7, float16 4e-4, bfloat16 3e-3 (low-precision parameters are their fp32
+# masters rounded); orthonormal float64 factors merely rounded to the dtype: float32 2e-8, float16 2.4e-4,
+# bfloat16 1.2e-3. Each bound leaves a margin of 15x or more over the worst of these.
+ORTHONORMALITY_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def orthonormality_tolerance(t: torch.Tensor) -> float:
+    """The bound on ‖XᵀX − I‖_max for the factor ``t`` by the precision its values carry: that of the least
+    precise of bfloat16, float16, float32 and ``t.dtype`` that represents every value of ``t`` exactly. A
+    float32 checkpoint of a layer trained in bfloat16 and cast up is judged as bfloat16, a float64 one of a
+    float32 layer as float32; otherwise by its own dtype (one that is not in the table: as float32)."""
+    own = ORTHONORMALITY_TOLERANCE.get(t.dtype, ORTHONORMALITY_TOLERANCE[torch.float32])
+    for low in (torch.bfloat16, torch.float16, torch.float32):
+        tol = ORTHONORMALITY_TOLERANCE[low]
+        if tol <= own:
+            break
+        if torch.equal(t.to(low).to(t.dtype), t):
+            return tol
+    return own
+
+
+def orthonormality_error(X: torch.Tensor) -> float:
+    """‖XᵀX − I‖_max of the columns of X (Gram matrix in float64; float32 where the device has no float64)."""
+    if hasattr(X, "full_tensor"):  # a DTensor
+        X = X.full_tensor()
+    dt = torch.float32 if X.device.type == "mps" else torch.float64
+    Y = X.detach().to(dt)
+    G = Y.mT @ Y
+    G.diagonal().sub_(1)
+    return float(G.abs().max()) if G.numel() else 0.0
 
 
 def rank_probe(r: int, capacity: int) -> torch.Tensor:
@@ -59,30 +107,6 @@ def rank_probe(r: int, capacity: int) -> torch.Tensor:
     except TypeError:  # older torch: no bounds argument; a backed dynamic size (ranks 1, c may recompile)
         torch._dynamo.maybe_mark_dynamic(probe, 0)
     return probe
-
-
-def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
-    """``value`` as an int in [lo, hi] (hi None: no upper bound); bools, floats and strings are refused."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not ok or value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an int {'in ' if hi is not None else ''}{rng}, got {value!r}")
-    return int(value)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _check_tau(tau) -> float | None:
-    """τ: None or a real number >= 0 (inf allowed: rank 1; NaN, bools and strings refused)."""
-    if tau is None:
-        return None
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau >= 0:
-        raise ValueError(f"tau must be >= 0 (a real number), got {tau!r}")
-    return float(tau)
 
 
 def _outer_strict() -> bool | None:
@@ -108,12 +132,15 @@ class FactorizedMixin:
     def _init_factors(self, out_f: int, in_f: int, rank: int, max_rank: int | None, capacity: int | None,
                       device=None, dtype=None) -> None:
         full = min(out_f, in_f)
-        _check_int("rank", rank, 1, full)
+        validation.integer("rank", rank, 1, full)
         if capacity is None:
-            capacity = default_capacity(rank, full, None if max_rank is None else _check_int("max_rank", max_rank, rank, full))
-        _check_int("capacity", capacity, rank, full)
-        max_rank = capacity if max_rank is None else _check_int("max_rank", max_rank, rank, capacity)
-        kw = dict(device=device, dtype=dtype)
+            given = None if max_rank is None else validation.integer("max_rank", max_rank, rank, full)
+            capacity = default_capacity(rank, full, given)
+        validation.integer("capacity", capacity, rank, full)
+        max_rank = capacity if max_rank is None else validation.integer("max_rank", max_rank, rank, capacity)
+        dt = torch.get_default_dtype() if dtype is None else dtype
+        # drawn in float32 for a low-precision layer (no QR of bfloat16 / float16 on CPU), then rounded
+        kw = dict(device=device, dtype=dt if dt in (torch.float32, torch.float64) else torch.float32)
         U = torch.linalg.qr(torch.randn(out_f, rank, **kw))[0]
         V = torch.linalg.qr(torch.randn(in_f, rank, **kw))[0]
         # ‖W‖_F² = r s² = out/3: the same expected energy as nn.Linear's U(-1/√in, 1/√in) init.
@@ -184,7 +211,7 @@ class FactorizedMixin:
 
     @max_rank.setter
     def max_rank(self, value: int) -> None:
-        self._max_rank = _check_int("max_rank", value, 1, self.capacity)
+        self._max_rank = validation.integer("max_rank", value, 1, self.capacity)
 
     def _set_rank(self, r: int) -> None:
         self._rank_probe = rank_probe(r, self.capacity)
@@ -216,8 +243,8 @@ class FactorizedMixin:
         The old parameters are marked retired: an optimizer still holding them refuses to step.
         """
         full = min(self.U.shape[0], self.V.shape[0])
-        _check_int("capacity", capacity, 1, full)
-        max_rank = capacity if max_rank is None else _check_int("max_rank", max_rank, 1, capacity)
+        validation.integer("capacity", capacity, 1, full)
+        max_rank = capacity if max_rank is None else validation.integer("max_rank", max_rank, 1, capacity)
         U, S, V = (t.detach().clone() for t in self.factors())
         if capacity < U.shape[1]:
             P, sig, Qt = torch.linalg.svd(S.double())
@@ -249,6 +276,32 @@ class FactorizedMixin:
         r = self.rank
         return r * (self.U.shape[0] + self.V.shape[0] + r) + (0 if self.bias is None else self.bias.numel())
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._reconcile_rank()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    @torch.no_grad()
+    def _reconcile_rank(self) -> None:
+        """Make ``active_rank`` and the probe agree before a save. Both are set together by the layer, but the
+        buffer can be overwritten from outside: ``torch.optim.swa_utils.AveragedModel`` copies the source
+        model's buffers into the average after every update (the average's own rank is the probe's), and its
+        first update copies the model's factors (whose rank is then the buffer's). Of two different values
+        the smaller is the rank when the factors are zero past it, else the larger; a buffer outside
+        [1, capacity] yields to the probe."""
+        buf = self.active_rank
+        if buf.is_meta:
+            return
+        saved, r = int(buf), self.rank
+        if saved == r:
+            return
+        if not 1 <= saved <= self.capacity:
+            self._set_rank(r)
+            return
+        lo = min(saved, r)
+        U, S, V = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (self.U, self.S, self.V))
+        zero = not (U[:, lo:].any() or V[:, lo:].any() or S[lo:].any() or S[:, lo:].any())
+        self._set_rank(lo if zero else max(saved, r))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         """Validate every entry of this layer first; copy nothing unless all of them are acceptable.
@@ -259,7 +312,9 @@ class FactorizedMixin:
         with c this layer's capacity, a bias of shape (out,), ``active_rank`` an integer r with
         1 <= r <= capacity (r above ``max_rank`` is accepted: max_rank is configuration, not state, and DLRT
         truncates to it at its next step), finite factors, and U, S, V exactly zero outside the leading r
-        columns / r × r block (the layer's invariant). Any problem is reported as torch reports it
+        columns / r × r block (the layer's invariant), and orthonormal active columns of U and V:
+        ‖U_rᵀU_r − I‖_max and ‖V_rᵀV_r − I‖_max within :func:`orthonormality_tolerance` (1e-4 for float32
+        values, 5e-2 for bfloat16 ones; S is unconstrained). Any problem is reported as torch reports it
         (``error_msgs`` -> RuntimeError "Error(s) in loading state_dict ..."; missing / unexpected keys under
         ``strict``) and this layer is left unchanged. (torch hands ``strict=True`` to every
         ``_load_from_state_dict``; the caller's ``strict`` is read from the running ``Module.load_state_dict``
@@ -316,10 +371,17 @@ class FactorizedMixin:
                     errors.append(f"{prefix}{role}: the factor holds non-finite values (NaN or inf)")
                     continue
                 rest = t[:, r:] if role != "S" else torch.cat([t[r:].flatten(), t[:r, r:].flatten()])
+                src = "checkpoint" if role in given else "current layer"
                 if rest.numel() and bool(rest.ne(0).any()):
-                    src = "checkpoint" if role in given else "current layer"
                     errors.append(f"{prefix}{role}: nonzero entries outside the active rank r = {r} ({src}); "
                                   f"a factor must be zero beyond its leading r columns (S: its r × r block)")
+                    continue
+                if role != "S" and (role in given or r != self.rank):
+                    err, tol = orthonormality_error(t[:, :r]), orthonormality_tolerance(t)
+                    if not err <= tol:
+                        errors.append(f"{prefix}{role}: the active columns are not orthonormal ({src}): "
+                                      f"max |{role}_rᵀ{role}_r - I| = {err:.3g} > {tol:g} (the tolerance for the "
+                                      f"precision of its values) at rank r = {r}; a corrupt checkpoint?")
         if errors:
             error_msgs.extend(errors)
             return
@@ -343,8 +405,8 @@ def truncated_svd_factors(W: torch.Tensor, rank: int | None, tau: float | None):
     if rank is None and tau is None:
         raise ValueError("give rank (an int >= 1) or tau (a float >= 0)")
     if rank is not None:
-        _check_int("rank", rank, 1, min(W.shape))
-    tau = _check_tau(tau)
+        validation.integer("rank", rank, 1, min(W.shape))
+    tau = validation.tolerance(tau)
     Wd = W.detach().double()
     P, sigma, Qt = torch.linalg.svd(Wd, full_matrices=False)
     r = min(W.shape) if rank is None else rank

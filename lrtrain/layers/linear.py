@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from .autograd import LowRankLinearFunction
-from .factors import FactorizedMixin, _check_bool, _check_int, truncated_svd_factors
+from .. import validation
+from .factors import FactorizedMixin, truncated_svd_factors
 
 __all__ = ["LowRankLinear"]
 
@@ -20,8 +21,9 @@ class LowRankLinear(FactorizedMixin, nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, max_rank: int | None = None,
                  bias: bool = True, device=None, dtype=None, capacity: int | None = None):
-        in_features, out_features = _check_int("in_features", in_features, 1), _check_int("out_features", out_features, 1)
-        _check_bool("bias", bias)
+        in_features = validation.integer("in_features", in_features, 1)
+        out_features = validation.integer("out_features", out_features, 1)
+        validation.flag("bias", bias)
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_factors(self.out_features, self.in_features, rank, max_rank, capacity, device, dtype)

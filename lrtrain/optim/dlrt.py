@@ -312,11 +312,12 @@ def _name(layer) -> str:
 
 
 def _check_trainable(layer) -> None:
-    """DLRT steps U, S and V together (the step rotates all three): a frozen factor is refused."""
+    """DLRT steps U, S and V together (the step rotates all three): some of them frozen is refused; all three
+    frozen is a frozen layer, which (like a frozen parameter in torch.optim) gets no gradient and no step."""
     frozen = [r for r in "USV" if not getattr(layer, r).requires_grad]
-    if frozen:
+    if frozen and len(frozen) < 3:
         raise ValueError(f"params: {_name(layer)} has frozen factor(s) {', '.join(frozen)} (requires_grad=False); "
-                         "DLRT steps U, S and V together: unfreeze them, or leave the whole layer's U, S, V "
-                         "out of the optimizer to freeze the layer")
+                         "DLRT steps U, S and V together: unfreeze them, or freeze all three (and the bias) to "
+                         "freeze the layer")
 
 
