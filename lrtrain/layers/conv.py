@@ -22,7 +22,8 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from .autograd import active, compute_dtype, core_backward, pad_grads
 from .. import validation
-from .factors import FactorizedMixin, truncated_svd_factors
+from .approximation import truncated_svd_factors
+from .factors import FactorizedMixin
 
 __all__ = ["LowRankConv2d"]
 

@@ -39,7 +39,7 @@ from torch import nn
 from .. import validation
 from .links import link
 
-__all__ = ["FactorizedMixin", "default_capacity", "dense_capacity", "rank_probe", "ROLES", "truncated_svd_factors",
+__all__ = ["FactorizedMixin", "default_capacity", "dense_capacity", "rank_probe", "ROLES",
            "orthonormality_error", "orthonormality_tolerance", "ORTHONORMALITY_TOLERANCE"]
 
 ROLES = ("U", "S", "V")
@@ -393,24 +393,3 @@ class FactorizedMixin:
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, capacity={self.capacity}, max_rank={self.max_rank}, bias={self.bias is not None}"
-
-
-def truncated_svd_factors(W: torch.Tensor, rank: int | None, tau: float | None):
-    """Best rank-r factors of W (out × in_flat) by SVD; r = ``rank`` or chosen by the τ rule.
-
-    Returns U (out, r), S = diag(σ_1..σ_r), V (in_flat, r).
-    """
-    from ..update.rank_rule import tolerance_rank  # local import: update/ depends on nothing here
-
-    if rank is None and tau is None:
-        raise ValueError("give rank (an int >= 1) or tau (a float >= 0)")
-    if rank is not None:
-        validation.integer("rank", rank, 1, min(W.shape))
-    tau = validation.tolerance(tau)
-    Wd = W.detach().double()
-    P, sigma, Qt = torch.linalg.svd(Wd, full_matrices=False)
-    r = min(W.shape) if rank is None else rank
-    if tau is not None:
-        r = min(r, int(tolerance_rank(sigma, tau)))
-    r = max(r, 1)
-    return (P[:, :r].to(W.dtype), torch.diag(sigma[:r]).to(W.dtype), Qt[:r].mT.to(W.dtype))

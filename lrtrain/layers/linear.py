@@ -6,7 +6,8 @@ from torch import nn
 
 from .autograd import LowRankLinearFunction
 from .. import validation
-from .factors import FactorizedMixin, truncated_svd_factors
+from .approximation import truncated_svd_factors
+from .factors import FactorizedMixin
 
 __all__ = ["LowRankLinear"]
 
