@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lrtrain.cli import main
+from test_cli import _error_line as error_line
 from lrtrain.cli import demo as demo_cli
 from lrtrain.cli.args import ArgumentParser, file_name, relative_tolerance
 from lrtrain.cli.bench import write_report
@@ -22,12 +23,7 @@ STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3
 
 
 def _error_line(capsys, command: str = "lrtrain demo") -> str:
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith(f"{command}: error: "), lines[0]
-    assert "Traceback" not in captured.err + captured.out
-    return lines[0]
+    return error_line(capsys, command)
 
 
 # ------------------------------------------------------------------------------------------- IDX data

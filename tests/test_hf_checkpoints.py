@@ -20,45 +20,13 @@ import torch
 
 import lrtrain
 from lrtrain.hf import _SavePretrained, _attach
+from test_transformers import BUILD, VOCAB, T, _bert, _gpt2, _llama, tf  # noqa: F401  (tf: the fixture, shared with the round-trip tests)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
-VOCAB, T = 128, 16
 SHARD = "20KB"  # a tiny GPT-2 at rank 8 in 12 shards
 
 
-@pytest.fixture
-def tf():
-    transformers = pytest.importorskip("transformers")
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    yield transformers
-    hf_logging.set_verbosity(level)
-
-
-def _gpt2(tf):
-    cfg = tf.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return tf.GPT2LMHeadModel(cfg)
-
-
-def _llama(tf):
-    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0,
-                         eos_token_id=0, pad_token_id=0)
-    return tf.LlamaForCausalLM(cfg)
-
-
-def _bert(tf):
-    cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=32, pad_token_id=0, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    return tf.BertForMaskedLM(cfg)
-
-
-BUILD = {"gpt2": _gpt2, "llama": _llama, "bert": _bert}
 
 
 def _lowrank(model):
