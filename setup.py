@@ -42,14 +42,15 @@ def _extensions():
         return [], {}
     _write_constants_header()
     version = [f'-DLRTRAIN_TORCH_VERSION="{torch.__version__}"']
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] + version
+    # hidden visibility: what pybind11 expects of a module (its own types are hidden; only PyInit is exported)
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"] + version
     exts = [CppExtension("lrtrain.update._cpu", ["csrc/cpu/module.cpp"], extra_compile_args=cxx,
                          extra_link_args=["-fopenmp"], include_dirs=[os.path.join(HERE, GENERATED)])]
     if torch.version.cuda and CUDA_HOME:
         cu = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
         exts.append(CUDAExtension("lrtrain.update._cuda", cu + ["csrc/cuda/binding.cpp"],
                                   include_dirs=[os.path.join(HERE, GENERATED)],
-                                  extra_compile_args={"cxx": ["-O3", "-std=c++17"] + version,
+                                  extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fvisibility=hidden"] + version,
                                                       "nvcc": ["-O3", "-std=c++17"] + version}))
     return exts, {"build_ext": BuildExtension}
 
