@@ -4,6 +4,7 @@ Factorized layers (W = U S Vᵀ), model conversion, and DLRT, a rank-adaptive dr
 ``save_pretrained`` / ``from_pretrained``: the Hugging Face transformers round trip (transformers is optional,
 imported only when they are called).
 """
+from .compact import compact
 from .convert import Summary, active_parameters, densify, lowrank, summary
 from .collapse import CollapseMonitor
 from .layers import LowRankConv2d, LowRankLinear
@@ -13,5 +14,5 @@ from .optim import DLRT
 
 __version__ = "0.1.0"
 
-__all__ = ["LowRankLinear", "LowRankConv2d", "lowrank", "densify", "summary", "Summary", "active_parameters", "DLRT",
+__all__ = ["LowRankLinear", "LowRankConv2d", "lowrank", "densify", "summary", "Summary", "active_parameters", "compact", "DLRT",
            "CollapseMonitor", "get_ema_multi_avg_fn", "save_pretrained", "from_pretrained", "__version__"]

@@ -202,3 +202,22 @@ def test_a_wholly_frozen_factorized_layer_is_skipped_like_a_frozen_parameter():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(frozen, model[0].parameters()))
     assert not torch.equal(moving, model[2].S) and model[0].U not in opt.state
+
+
+def test_deepcopy_and_pickle_of_the_optimizer_keep_its_settings():
+    """torch.optim.Optimizer.__getstate__ keeps only defaults, state and param_groups; DLRT's own attributes
+    (backend, nonfinite, guide, skipped_steps) must survive a deepcopy (a twin run) and a pickle."""
+    import pickle
+
+    model, opt = _trained()
+    opt.skipped_steps = 3
+    twin_model, twin = copy.deepcopy((model, opt))
+    assert (twin.backend, twin.nonfinite, twin.guide, twin.skipped_steps) == (opt.backend, opt.nonfinite, None, 3)
+    x, y = torch.randn(16, 12), torch.randn(16, 4)
+    for m, o in ((model, opt), (twin_model, twin)):
+        o.zero_grad()
+        nn.functional.mse_loss(m(x), y).backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters()))
+    again = pickle.loads(pickle.dumps(opt))
+    assert again.skipped_steps == 3 and again.backend == opt.backend

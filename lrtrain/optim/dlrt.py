@@ -40,6 +40,9 @@ from .params import LOW_PRECISION, Slot, find_layers, fsdp1_kind
 
 __all__ = ["DLRT", "DEFAULT_REFRESH"]
 
+# DLRT's attributes beyond torch.optim.Optimizer's (pickled and deep-copied with it).
+_OWN = ("backend", "nonfinite", "guide", "skipped_steps", "_ready")
+
 # Basis update interval by default (DLRT(refresh=...)); chosen by measurement, see README "Basis refresh".
 DEFAULT_REFRESH = 1
 
@@ -137,6 +140,11 @@ class DLRT(Optimizer):
             if layer.U.dim() != 2 or layer.S.shape != (c, c) or layer.U.shape[1] != c or layer.V.shape[1] != c:
                 raise ValueError("params: a factorized layer's U, S, V do not have their allocated shapes "
                                  "(FSDP1 flattens or shards them: use fully_shard, FSDP2)")
+
+    def __getstate__(self):
+        """torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups: DLRT's own
+        settings and counters go along too."""
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in _OWN if k in self.__dict__}}
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self):
