@@ -58,7 +58,7 @@ class DLRT(Optimizer):
         momentum, dampening, nesterov: SGD options.
         betas, eps: AdamW options.
         weight_decay: λ >= 0. On factorized layers it acts on S only (‖W‖_F = ‖S‖_F).
-        tau: relative truncation tolerance τ >= 0 (see :mod:`lrtrain.rank.truncation`).
+        tau: relative truncation tolerance τ >= 0 (see :mod:`lrtrain.update.rank_rule`).
         min_rank: smallest rank a layer may truncate to (>= 1).
         spare: singular directions kept beyond the τ-rank at each basis update (>= 0; default 1): the
             rank's room to grow (see :mod:`.step`). A layer's rank is its τ-rank + spare, at most max_rank.
