@@ -29,7 +29,7 @@ def _new_capacity(layer, headroom: float) -> int:
     return min(max(math.ceil(headroom * layer.rank), layer.rank), full)
 
 
-def _cut(t: torch.Tensor, c: int, role: str, key: str) -> torch.Tensor:
+def _cut(t: torch.Tensor, c: int, role: str) -> torch.Tensor:
     """State tensor ``t`` of a factor at capacity c: U/V-shaped (.., m, c) or (2, c) → its first c columns;
     S-shaped (.., c, c) → its leading c × c block."""
     if role == "S":
@@ -94,6 +94,6 @@ def compact(model: nn.Module, optimizer: DLRT | None = None, headroom: float = 2
                     gi, pi = where[id(p)]
                     optimizer.param_groups[gi]["params"][pi] = new
                 if states[r]:
-                    optimizer.state[new] = {k: _cut(v, c, r, k) if torch.is_tensor(v) and k != "step" else v
+                    optimizer.state[new] = {k: _cut(v, c, r) if torch.is_tensor(v) and k != "step" else v
                                             for k, v in states[r].items()}
     return report

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import lrtrain
 from lrtrain import DLRT, LowRankLinear, compact
 
 

@@ -20,7 +20,7 @@ import torch
 
 import lrtrain
 from lrtrain.hf import _SavePretrained, _attach
-from test_transformers import BUILD, VOCAB, T, _bert, _gpt2, _llama, tf  # noqa: F401  (tf: the fixture, shared with the round-trip tests)
+from test_transformers import BUILD, VOCAB, T, _gpt2, tf  # noqa: F401  (tf: the fixture, shared with the round-trip tests)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 from .. import validation
 from ..update import check_backend
 from .base import BASES
-from .functional import LayerSlots, apply_step, compute_step, finite_gradients
+from .functional import LayerSlots, apply_step, compute_step, finite_gradients, refuse_nonfinite
 from ..layers.links import replaced
 from .params import LOW_PRECISION, Slot, find_layers, fsdp1_kind
 
@@ -222,9 +222,7 @@ class DLRT(Optimizer):
             fresh: dict = {}  # state of parameters stepped for the first time: stored once the step is applied
             pending = [compute_step(*self._slots(*plan, fresh), g, guide=self.guide, backend=self.backend)
                        for g, plan in zip(self.param_groups, plans)]
-            if self.nonfinite == "raise" and not all(p.finite for p in pending):
-                raise FloatingPointError("DLRT: a layer's update was non-finite (learning rate too large?); "
-                                         "nothing was updated")
+            refuse_nonfinite(pending, self.nonfinite)
             # Nothing is written (skipped_steps included) before every update has been computed.
             if dropped:
                 warnings.warn(f"DLRT: non-finite gradients, skipped the step of {dropped} layer(s)/parameter(s)",

@@ -24,7 +24,7 @@ from ..update import LayerResult, LayerStep, finite_flags, transport_state, upda
 from .base import make_rule
 from .params import Slot, is_dtensor
 
-__all__ = ["LayerSlots", "GroupStep", "dlrt", "compute_step", "apply_step", "finite_gradients"]
+__all__ = ["LayerSlots", "GroupStep", "dlrt", "compute_step", "apply_step", "refuse_nonfinite", "finite_gradients"]
 
 
 @dataclass
@@ -90,9 +90,14 @@ def dlrt(layers: list, params: list, group: dict, *, guide=None, backend: str = 
     :func:`lrtrain.validation.dlrt_group`). Returns the number of layers whose update was non-finite and
     skipped (``nonfinite="raise"``: FloatingPointError instead, before anything is written)."""
     step = compute_step(layers, params, group, guide=guide, backend=backend)
-    if nonfinite == "raise" and not step.finite:
-        raise FloatingPointError("DLRT: a layer's update was non-finite (learning rate too large?); nothing was updated")
+    refuse_nonfinite([step], nonfinite)
     return apply_step(step)
+
+
+def refuse_nonfinite(steps: list, nonfinite: str) -> None:
+    """With ``nonfinite="raise"``: FloatingPointError when any computed step is not finite (nothing is written)."""
+    if nonfinite == "raise" and not all(s.finite for s in steps):
+        raise FloatingPointError("DLRT: a layer's update was non-finite (learning rate too large?); nothing was updated")
 
 
 def compute_step(layers: list, params: list, group: dict, *, guide=None, backend: str = "auto") -> GroupStep:
