@@ -22,6 +22,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 import lrtrain.update as ext
+from lrtrain.update.constants import MAX_SWEEPS, NO_RANK_CAP
 from harness.kernel_cases import layer_items, step_case, sweeps_to_converge, warm_cores
 from lrtrain.cli.bench import cpu_model
 from lrtrain.update import dispatch
@@ -83,7 +84,7 @@ def jacobi_section(min_time, rounds) -> list[str]:
         warm, first = warm_cores(two_r // 2)
         cold = torch.randn(warm.shape, generator=torch.Generator().manual_seed(0))
         counts = {k: sorted(sweeps_to_converge(c)) for k, c in (("warm", warm), ("first", first), ("cold", cold))}
-        res = measure({"jacobi": lambda: _cpu.jacobi_svd(warm, 0.0, 1, -1, 40),
+        res = measure({"jacobi": lambda: _cpu.jacobi_svd(warm, 0.0, 1, NO_RANK_CAP, MAX_SWEEPS),
                        "lapack": lambda: torch.linalg.svd(warm, full_matrices=False)}, min_time, rounds)
         fmt = lambda c: f"{c[0]} / {statistics.median(c):g} / {c[-1]}"  # noqa: E731
         lines.append(f"| {two_r} | {fmt(counts['warm'])} | {fmt(counts['first'])} | {fmt(counts['cold'])} | "

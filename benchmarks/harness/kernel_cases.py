@@ -19,6 +19,7 @@ from torch import nn
 
 from lrtrain.layers import LowRankLinear
 from lrtrain.optim import DLRT
+from lrtrain.update.constants import NO_RANK_CAP
 from lrtrain.update.spec import LayerStep, augmented_core
 
 __all__ = ["layer_items", "StepCase", "step_case", "warm_cores", "sweeps_to_converge"]
@@ -100,7 +101,7 @@ def sweeps_to_converge(cores: torch.Tensor, limit: int = 40) -> list[int]:
 
     out = [limit + 1] * cores.shape[0]
     for s in range(1, limit + 1):
-        status = _cpu.jacobi_svd(cores, 0.0, 1, -1, s)[4].tolist()
+        status = _cpu.jacobi_svd(cores, 0.0, 1, NO_RANK_CAP, s)[4].tolist()
         for i, st in enumerate(status):
             if st == 0 and out[i] > limit:
                 out[i] = s
