@@ -53,7 +53,7 @@ def import_baseline(path: str):
 def case(pkg, **kw):
     torch.manual_seed(0)
     model = pkg.lowrank(mlp(784, [2048, 2048, 2048], 10), rank=64, max_rank=64, **kw)
-    return model, pkg.DLRT(model.parameters(), lr=1e-4, tau=0.0)
+    return model, pkg.DLRT(model.parameters(), lr=1e-4, tau=0.0, rank_rule="tolerance", s_direction="own")
 
 
 def main(argv=None) -> int:

@@ -76,7 +76,7 @@ def sweep_point(data, lam: float, epochs: int, lowrank: bool, lr: float = 0.05, 
     model = mlp(data.in_features, [width] * depth, K)
     if lowrank:
         model = lrtrain.lowrank(model, rank=rank)
-        opt = lrtrain.DLRT(model.parameters(), lr=lr, base="sgd", momentum=0.9, weight_decay=lam, tau=tau)
+        opt = lrtrain.DLRT(model.parameters(), lr=lr, base="sgd", momentum=0.9, weight_decay=lam, tau=tau, rank_rule="tolerance", s_direction="own")
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=lam)
     t_opt, t_all = train(model, opt, data, epochs, seed=seed)
@@ -208,7 +208,7 @@ def guided_run(data, guided: bool, epochs: int, lr: float, lam: float, tau: floa
     model = lrtrain.lowrank(mlp(data.in_features, hidden, K), rank=rank)
     mon = lrtrain.CollapseMonitor(model, K, guide=lrtrain.rank.CollapseGuide(K, theta=theta, within=within)) if guided else None
     # refresh=1: a basis update (where the guide decides) at every step, as when this table was first measured
-    opt = lrtrain.DLRT(model.parameters(), lr=lr, base="sgd", momentum=0.9, weight_decay=lam, tau=tau, guide=mon,
+    opt = lrtrain.DLRT(model.parameters(), lr=lr, base="sgd", momentum=0.9, weight_decay=lam, tau=tau, rank_rule="tolerance", s_direction="own", guide=mon,
                        refresh=1)
     work = {"core_flops": 0.0}
     if guided:  # count the augmented core's SVD work, 4·p·q·min(p, q) with p = r + a
@@ -317,7 +317,7 @@ def run_overhead(args) -> None:
             model = mlp(784, hidden, K)
             if low:
                 model = lrtrain.lowrank(model, rank=64)
-                opt = lrtrain.DLRT(model.parameters(), lr=0.01, base="sgd", momentum=0.9, weight_decay=5e-4, tau=0.1)
+                opt = lrtrain.DLRT(model.parameters(), lr=0.01, base="sgd", momentum=0.9, weight_decay=5e-4, tau=0.1, rank_rule="tolerance", s_direction="own")
             else:
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             mon = lrtrain.CollapseMonitor(model, K, **kw) if with_mon else None

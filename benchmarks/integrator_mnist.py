@@ -43,7 +43,7 @@ def run(data, seed: int, rank: int | None, tau: float = 0.1, refresh: int = 1) -
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     else:
         model = lrtrain.lowrank(model, rank=rank, capacity=CAPACITY)
-        opt = lrtrain.DLRT(model.parameters(), lr=LR, tau=tau, refresh=refresh)
+        opt = lrtrain.DLRT(model.parameters(), lr=LR, tau=tau, refresh=refresh, rank_rule="tolerance", s_direction="own")
     t0 = time.perf_counter()
     fit(model, opt, data, epochs=EPOCHS, seed=seed)
     wall = time.perf_counter() - t0

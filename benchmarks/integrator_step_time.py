@@ -42,7 +42,8 @@ def _case(kind: str, refresh: int = 1, backend: str = "auto"):
         opt = GALORE.optimizer(model, 1e-3, 0.0, RANK, 0.1)
     else:
         model = lrtrain.lowrank(model, rank=RANK, max_rank=RANK)
-        opt = lrtrain.DLRT(model.parameters(), lr=1e-3, tau=0.1, refresh=refresh, backend=backend)
+        opt = lrtrain.DLRT(model.parameters(), lr=1e-3, tau=0.1, refresh=refresh, backend=backend,
+                                  rank_rule="tolerance", s_direction="own")
     x = torch.randn(BATCH, 784)
     y = torch.randint(0, 10, (BATCH,))
 

@@ -249,7 +249,8 @@ def build_optimizer(method: str, model, cfg: Config, lr: float, tau: float):
     if method == "lrtrain":
         import lrtrain
 
-        return lrtrain.DLRT(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, tau=tau)
+        return lrtrain.DLRT(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, tau=tau,
+                            rank_rule="tolerance", s_direction="own")
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 

@@ -17,7 +17,10 @@ __all__ = ["real", "integer", "flag", "tolerance", "dlrt_group", "dlrt_state", "
 
 # The hyperparameters of a DLRT param group (its constructor's per-group arguments).
 DLRT_HYPERPARAMETERS = ("lr", "base", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "tau",
-                        "min_rank", "spare", "refresh")
+                        "min_rank", "spare", "refresh", "rank_rule", "s_direction")
+# The values of the string-valued hyperparameters.
+RANK_RULES = ("importance", "tolerance")
+S_DIRECTIONS = ("projected", "own")
 
 
 # torch.optim options DLRT does not implement, with the values that ask for nothing else than what DLRT does
@@ -82,6 +85,10 @@ def dlrt_group(g: dict, bases) -> None:
     if not isinstance(g["base"], str) or g["base"] not in bases:
         exc = ValueError if isinstance(g["base"], str) else TypeError
         raise exc(f"base must be one of {sorted(bases)}, got {g['base']!r}")
+    for key, fine in (("rank_rule", RANK_RULES), ("s_direction", S_DIRECTIONS)):
+        if not isinstance(g[key], str) or g[key] not in fine:
+            exc = ValueError if isinstance(g[key], str) else TypeError
+            raise exc(f"{key} must be one of {list(fine)}, got {g[key]!r}")
     for key in ("lr", "tau", "weight_decay", "eps"):
         real(key, g[key], 0.0)
     mu = real("momentum", g["momentum"], 0.0, 1.0, hi_open=True)

@@ -79,7 +79,8 @@ def test_bound_holds_every_step(mnist, factorized):
     model = mlp(784, [96, 64], K)
     if factorized:
         model = lrtrain.lowrank(model, rank=24)
-        opt = lrtrain.DLRT(model.parameters(), lr=0.05, base="sgd", momentum=0.9, weight_decay=lam, tau=0.1)
+        opt = lrtrain.DLRT(model.parameters(), lr=0.05, base="sgd", momentum=0.9, weight_decay=lam, tau=0.1,
+                                   rank_rule="tolerance", s_direction="own")
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=lam)
     mon = lrtrain.CollapseMonitor(model, K, weight_decay=lam, spectral="exact")
@@ -266,7 +267,7 @@ def _guided_vs_plain(data, acc, rk):
         model = lrtrain.lowrank(mlp(784, [96, 96], K), rank=24)
         mon = lrtrain.CollapseMonitor(model, K)
         opt = lrtrain.DLRT(model.parameters(), lr=0.05, base="sgd", momentum=0.9, weight_decay=5e-4, tau=0.1,
-                           guide=mon if guided else None)
+                           guide=mon if guided else None, rank_rule="tolerance", s_direction="own")
         gen = torch.Generator().manual_seed(0)
         for _ in range(2):
             for xb, yb in batches(data.train_x, data.train_y, 128, gen):
@@ -401,7 +402,8 @@ def test_guided_dlrt_steps_through_empty_batches_without_a_measurement():
     measurement for it (its "no_data" branch), while the non-empty batches are measured."""
     model, shape = _empty_batch_model("conv", True)
     mon = lrtrain.CollapseMonitor(model, K)
-    opt = lrtrain.DLRT(model.parameters(), lr=0.05, base="sgd", momentum=0.9, weight_decay=1e-3, tau=0.1, guide=mon)
+    opt = lrtrain.DLRT(model.parameters(), lr=0.05, base="sgd", momentum=0.9, weight_decay=1e-3, tau=0.1, guide=mon,
+                       rank_rule="tolerance", s_direction="own")
     factorized = [n for n, m in model.named_modules() if isinstance(m, FactorizedMixin)]
     assert factorized
     for i in range(6):

@@ -31,7 +31,7 @@ def _state_numel(opt):
 @pytest.mark.parametrize("kw", [dict(weight_decay=1e-3), dict(base="sgd", momentum=0.9, lr=0.05), dict(refresh=3)])
 def test_the_steps_after_compact_are_the_steps_without_it(kw):
     model = _model()
-    opt = DLRT(model.parameters(), tau=0.2, **{"lr": 1e-2, **kw})
+    opt = DLRT(model.parameters(), tau=0.2, rank_rule="tolerance", s_direction="own", **{"lr": 1e-2, **kw})
     g = torch.Generator().manual_seed(1)
     for _ in range(10):
         _step(model, opt, *_batch(g))

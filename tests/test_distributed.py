@@ -29,7 +29,7 @@ WORLD = 2
 BATCH = 64  # global batch; each process takes BATCH // WORLD of it
 # AdamW-DLRT from rank 24 (= capacity = max_rank): tau = 0.1 lets both 64 x 64 layers fall gradually
 # (8 and 7 rank changes in 40 steps, 6 and 5 in the first 20).
-HP = dict(lr=0.03, tau=0.1)
+HP = dict(lr=0.03, tau=0.1, rank_rule="tolerance", s_direction="own")
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -224,7 +224,8 @@ def _global_poison(poison, shapes):
 
 
 @pytest.mark.parametrize("hp", [dict(HP, weight_decay=0.01),
-                                dict(lr=0.03, tau=0.35, base="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3, refresh=3)],
+                                dict(lr=0.03, tau=0.35, base="sgd", momentum=0.9, nesterov=True, weight_decay=1e-3, refresh=3,
+                                         rank_rule="tolerance", s_direction="own")],
                          ids=["adamw", "sgd-nesterov-refresh3"])
 def test_fsdp2_fully_shard_matches_one_process(digits, hp):
     X, Y = _data(digits)

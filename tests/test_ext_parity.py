@@ -411,7 +411,7 @@ def test_disable_env_forces_the_reference(monkeypatch):
 @needs_cpu
 def test_dlrt_skips_a_layer_whose_fused_update_overflows():
     layer = lrtrain.LowRankLinear(30, 40, 5, bias=False)
-    opt = lrtrain.DLRT(layer.parameters(), lr=1e3, base="sgd", backend="cpu", refresh=1)
+    opt = lrtrain.DLRT(layer.parameters(), lr=1e3, base="sgd", backend="cpu", refresh=1, rank_rule="tolerance", s_direction="own")
     before = [p.detach().clone() for p in (layer.U, layer.S, layer.V)]
     layer(torch.randn(4, 30)).sum().backward()
     layer.U.grad = layer.U.grad.sign() * 1e36  # finite gradient, overflowing step
@@ -423,7 +423,7 @@ def test_dlrt_skips_a_layer_whose_fused_update_overflows():
 
 
 def _train(model, backend, data, steps=20, batch=128):
-    opt = lrtrain.DLRT(model.parameters(), lr=2e-3, weight_decay=1e-4, tau=0.3, backend=backend)
+    opt = lrtrain.DLRT(model.parameters(), lr=2e-3, weight_decay=1e-4, tau=0.3, backend=backend, rank_rule="tolerance", s_direction="own")
     dtype = next(model.parameters()).dtype
     losses, ranks = [], []
     for i in range(steps):

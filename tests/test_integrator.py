@@ -127,7 +127,7 @@ def _planted(start: int, base: str, tau: float, spare: int = 1, steps: int = 300
     dense.weight.data.copy_(torch.randn(m, n, generator=g, dtype=torch.float64) * 0.3 / n ** 0.5)
     layer = LowRankLinear.from_dense(dense, rank=start, capacity=48)
     hp = dict(base="adamw", lr=1e-2) if base == "adamw" else dict(base="sgd", lr=1e-2, momentum=0.9)
-    opt = DLRT(layer.parameters(), tau=tau, spare=spare, backend="reference", **hp)
+    opt = DLRT(layer.parameters(), tau=tau, spare=spare, backend="reference", rank_rule="tolerance", s_direction="own", **hp)
     for _ in range(steps):
         idx = torch.randint(0, 512, (64,), generator=g)
         loss = (layer(X[idx]) - Y[idx]).square().sum(1).mean() / 2
@@ -211,7 +211,7 @@ def test_refresh_defers_the_k_and_l_steps_to_the_next_basis_update(monkeypatch):
     whose K/L directions are the sums of the three steps' G_K, G_L; refresh=1 is a basis update each step."""
     torch.manual_seed(0)
     layer = LowRankLinear(24, 20, rank=4, capacity=12).double()
-    opt = DLRT(layer.parameters(), lr=0.1, base="sgd", tau=0.05, refresh=3, backend="reference")
+    opt = DLRT(layer.parameters(), lr=0.1, base="sgd", tau=0.05, refresh=3, backend="reference", rank_rule="tolerance", s_direction="own")
     seen = _capture_items(monkeypatch)
     X = torch.randn(32, 24, dtype=torch.float64)
     Y = torch.randn(32, 20, dtype=torch.float64)

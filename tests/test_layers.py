@@ -112,7 +112,7 @@ def test_deepcopy_is_a_live_layer_that_trains_alone():
 def test_parameters_keep_object_shape_and_storage_through_rank_changes():
     torch.manual_seed(0)
     layer = LowRankLinear(30, 40, 12, capacity=16)
-    opt = lrtrain.DLRT(layer.parameters(), lr=0.05, tau=0.3)
+    opt = lrtrain.DLRT(layer.parameters(), lr=0.05, tau=0.3, rank_rule="tolerance", s_direction="own")
     ident = [(p, p.shape, p.data_ptr()) for p in layer.parameters()]
     X = torch.randn(64, 30)
     ranks = set()

@@ -363,7 +363,7 @@ def test_ema_checkpoints_load_after_every_update(digits):
     torch.manual_seed(0)
     model = lrtrain.lowrank(nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
                                           nn.Linear(32, 10)), rank=16)
-    opt = lrtrain.DLRT(model.parameters(), lr=3e-3, tau=0.2)
+    opt = lrtrain.DLRT(model.parameters(), lr=3e-3, tau=0.2, rank_rule="tolerance", s_direction="own")
     ema = AveragedModel(model, multi_avg_fn=lrtrain.get_ema_multi_avg_fn(0.9))
     x, differ = digits.test_x[:32], 0
     for i in range(12):

@@ -284,7 +284,7 @@ def test_factors_split_or_missing_are_refused():
 def test_ranks_change_inside_a_standard_loop_holding_the_last_loss():
     """`loss` from the previous step still references its graph when the rank changes."""
     layer = LowRankLinear(20, 20, 10, bias=False)
-    opt = DLRT(layer.parameters(), lr=0.5, base="sgd", tau=0.3, spare=0)
+    opt = DLRT(layer.parameters(), lr=0.5, base="sgd", tau=0.3, spare=0, rank_rule="tolerance", s_direction="own")
     X = torch.randn(64, 20)
     ranks = set()
     for _ in range(5):

@@ -168,7 +168,8 @@ def test_load_state_dict_round_trip_still_works():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_raise_mode_core_overflow_with_a_dense_head_updates_nothing(backend):
     model = _model()
-    opt = DLRT(model.parameters(), lr=1e-2, base="sgd", momentum=0.9, nonfinite="raise", backend=backend)
+    opt = DLRT(model.parameters(), lr=1e-2, base="sgd", momentum=0.9, nonfinite="raise", backend=backend,
+               rank_rule="tolerance", s_direction="own")
     _train(model, opt)
     assert opt.state  # there is state to protect
     _backward(model)
@@ -190,7 +191,7 @@ def test_raise_mode_core_overflow_with_a_dense_head_updates_nothing(backend):
 def test_tiny_finite_gradients_step_without_linalg_error(backend, base, scale):
     torch.manual_seed(0)
     layer = LowRankLinear(32, 24, 6)
-    opt = DLRT(layer.parameters(), lr=1e-2, base=base, backend=backend)
+    opt = DLRT(layer.parameters(), lr=1e-2, base=base, backend=backend, rank_rule="tolerance", s_direction="own")
     layer(torch.randn(8, 32)).square().sum().backward()
     for p in layer.parameters():
         p.grad.mul_(scale / p.grad.abs().max())
@@ -239,7 +240,7 @@ def test_factor_missing_its_gradient_is_refused_at_step():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_huge_finite_gradients_are_not_non_finite(backend):
     model = _model()
-    opt = DLRT(model.parameters(), lr=1e-22, base="sgd", nonfinite="raise", backend=backend)
+    opt = DLRT(model.parameters(), lr=1e-22, base="sgd", nonfinite="raise", backend=backend, rank_rule="tolerance", s_direction="own")
     _backward(model)
     for p in model.parameters():
         p.grad.mul_(1e20 / p.grad.abs().max())  # ‖g‖₂ overflows float32; every entry is finite

@@ -133,7 +133,7 @@ def test_groups_copied_from_torch_adamw_and_scheduler_keys_are_accepted():
 def _trained():
     torch.manual_seed(0)
     model = nn.Sequential(LowRankLinear(12, 10, 3, max_rank=8), nn.Tanh(), nn.Linear(10, 4))
-    opt = DLRT(model.parameters(), lr=1e-2)
+    opt = DLRT(model.parameters(), lr=1e-2, rank_rule="tolerance", s_direction="own")
     for _ in range(3):
         opt.zero_grad()
         nn.functional.mse_loss(model(torch.randn(16, 12)), torch.randn(16, 4)).backward()

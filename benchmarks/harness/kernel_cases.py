@@ -65,7 +65,7 @@ def step_case(L: int, width: int, rank: int, backend: str, dtype=torch.float32, 
     torch.manual_seed(seed)
     layers = [LowRankLinear(width, width, rank, max_rank=rank, device=device, dtype=dtype) for _ in range(L)]
     model = nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())][:-1])
-    opt = DLRT(model.parameters(), lr=lr, tau=0.0, backend=backend, guide=guide)
+    opt = DLRT(model.parameters(), lr=lr, tau=0.0, backend=backend, guide=guide, rank_rule="tolerance", s_direction="own")
     x = torch.randn(batch, width, device=device, dtype=dtype)
     case = StepCase(model, opt, x, torch.randn(batch, width, device=device, dtype=dtype))
     case.forward_backward()

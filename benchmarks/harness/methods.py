@@ -63,7 +63,7 @@ class Method:
             return galore_adamw(model.parameters(), galore_targets(model, rank), lr, weight_decay, rank, galore_gap,
                                 galore_scale)
         return DLRT(model.parameters(), lr=lr, base="adamw", weight_decay=weight_decay, tau=tau, eps=1e-8,
-                    **self.dlrt_kwargs)
+                    rank_rule="tolerance", s_direction="own",                     **self.dlrt_kwargs)
 
 
 def galore_targets(model: nn.Module, rank: int, min_features: int = 16) -> list:

@@ -234,7 +234,8 @@ def step_case(sm: StepModel, rank: int, low_rank: bool, lr: float = 1e-3, weight
     model = mlp(sm.in_features, list(sm.hidden), sm.classes)
     if low_rank:
         model = lowrank(model, rank=rank, max_rank=rank)
-        opt = DLRT(model.parameters(), lr=lr, weight_decay=weight_decay, tau=0.0, eps=1e-8)
+        opt = DLRT(model.parameters(), lr=lr, weight_decay=weight_decay, tau=0.0, eps=1e-8,
+                   rank_rule="tolerance", s_direction="own")
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, eps=1e-8)
     return StepCase(model, opt, sm.batch, sm.in_features, sm.classes, seed)

@@ -102,7 +102,8 @@ def run(args) -> int:
                   eval_each_epoch=True)
 
     active = [report.params_active]  # before the first step, then after each
-    opt = DLRT(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, tau=args.tau)
+    opt = DLRT(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, tau=args.tau, rank_rule="tolerance",
+               s_direction="own")
     h_lr = fit(model, opt, data, args.epochs, args.batch_size, args.seed, _progress(not args.no_progress, "lrtrain"),
                on_step=lambda m, *_: active.append(active_parameters(m)), eval_each_epoch=True)
     final = h_lr.ranks[-1]

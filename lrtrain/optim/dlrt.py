@@ -32,7 +32,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import validation
-from ..update import check_backend
+from ..update import RULES, check_backend
 from .base import BASES
 from .functional import LayerSlots, apply_step, compute_step, finite_gradients, refuse_nonfinite
 from ..layers.links import replaced
@@ -58,10 +58,20 @@ class DLRT(Optimizer):
         momentum, dampening, nesterov: SGD options.
         betas, eps: AdamW options.
         weight_decay: λ >= 0. On factorized layers it acts on S only (‖W‖_F = ‖S‖_F).
-        tau: relative truncation tolerance τ >= 0 (see :mod:`lrtrain.update.rank_rule`).
+        rank_rule: which singular directions of the core a basis update keeps. ``"importance"`` (default,
+            :mod:`lrtrain.update.importance`): those the loss is sensitive to (importance σ_j·√v_j, the
+            τ-rank of the sorted scores), those it pushes to grow, and a reservoir of as many further ones;
+            ``"tolerance"`` (:mod:`lrtrain.update.rank_rule`): the τ-rank of the singular values + spare.
+            The fused C++/CUDA kernels implement ``"tolerance"``; ``"importance"`` runs on the reference.
+        tau: relative tolerance τ >= 0 of the rank rule (on the importance scores, or on the singular
+            values); None takes the rule's default (0.02 for "importance", 0.1 for "tolerance").
+        s_direction: the S-block step of a basis update: ``"projected"`` (default) ½(Uᵀ D_K + D_Lᵀ V),
+            the K- and L-steps' part inside the current bases, which moves singular values as fast as dense
+            AdamW does; ``"own"``: the base rule's direction from S's own gradient (DLRT-Net's S-step).
         min_rank: smallest rank a layer may truncate to (>= 1).
         spare: singular directions kept beyond the τ-rank at each basis update (>= 0; default 1): the
-            rank's room to grow (see :mod:`.step`). A layer's rank is its τ-rank + spare, at most max_rank.
+            rank's room to grow (see :mod:`lrtrain.update.spec`); the importance rule's reservoir holds at
+            least this many.
         refresh: basis update interval in steps (>= 1): 1 updates every layer's bases at every step;
             k > 1 takes k - 1 fixed-basis steps (S only, the K/L steps deferred) in between.
         nonfinite: ``"skip"`` (warn, count in ``skipped_steps``, leave that layer untouched) or
@@ -77,8 +87,9 @@ class DLRT(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, base: str = "adamw", momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, tau: float = 0.1, min_rank: int = 1, spare: int = 1,
-                 refresh: int = DEFAULT_REFRESH, nonfinite: str = "skip", guide=None, backend: str = "auto"):
+                 weight_decay: float = 0.0, tau: float | None = None, min_rank: int = 1, spare: int = 1,
+                 refresh: int = DEFAULT_REFRESH, rank_rule: str = "importance", s_direction: str = "projected",
+                 nonfinite: str = "skip", guide=None, backend: str = "auto"):
         if not isinstance(nonfinite, str) or nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if guide is not None and not callable(getattr(guide, "adjust", None)):
@@ -88,9 +99,11 @@ class DLRT(Optimizer):
         self.nonfinite = nonfinite
         self.guide = guide
         self.skipped_steps = 0
+        if tau is None:
+            tau = RULES.get(rank_rule, 0.0)  # an unknown rule is refused by the validation below
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         betas=betas, eps=eps, weight_decay=weight_decay, tau=tau, min_rank=min_rank, spare=spare,
-                        refresh=refresh)
+                        refresh=refresh, rank_rule=rank_rule, s_direction=s_direction)
         validation.dlrt_group(defaults, BASES)  # every argument checked before torch sees the params
         super().__init__(params, defaults)
         self._check_factors()

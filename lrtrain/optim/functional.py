@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..update import LayerResult, LayerStep, finite_flags, transport_state, update_layers
+from ..update import Importance, LayerResult, LayerStep, finite_flags, transport_state, update_layers
 from .base import make_rule
 from .params import Slot, is_dtensor
 
-__all__ = ["LayerSlots", "GroupStep", "dlrt", "compute_step", "apply_step", "refuse_nonfinite", "finite_gradients"]
+__all__ = ["LayerSlots", "GroupStep", "dlrt", "compute_step", "apply_step", "refuse_nonfinite", "finite_gradients",
+           "projected_s_direction", "s_moments"]
 
 
 @dataclass
@@ -140,6 +141,8 @@ def compute_step(layers: list, params: list, group: dict, *, guide=None, backend
                              "same checkpoint (or build a new optimizer); nothing was updated")
         D_K, D_L, D_S = dirs[3 * j: 3 * j + 3]
         new = {"U": new_states[3 * j], "V": new_states[3 * j + 1], "S": new_states[3 * j + 2]}
+        if group["s_direction"] == "projected":
+            D_S = projected_s_direction(sU.value[:, :r], sV.value[:, :r], D_K, D_L)
         S_step = rule.decayed(sS.value[:r, :r], group)
         if "deferred" in sU.state:  # add the K/L steps deferred by the fixed-basis steps since the last update
             D_K = D_K + sU.state["deferred"][:, :r]
@@ -148,7 +151,8 @@ def compute_step(layers: list, params: list, group: dict, *, guide=None, backend
             plans.append(_LayerPlan(ls, r, _FixedBasisStep(S_step - lr * D_S, D_K, D_L), new))
             continue
         item = LayerStep(sU.value[:, :r], S_step, sV.value[:, :r], D_K, D_L, D_K, D_L, D_S, ls.layer.max_rank,
-                         spare=group["spare"])
+                         spare=group["spare"],
+                         importance=s_moments(new["S"], grads[3 * j + 2]) if group["rank_rule"] == "importance" else None)
         if guide is not None:
             guide.adjust(ls.layer, item, group)
         plans.append(_LayerPlan(ls, r, item, new))
@@ -166,6 +170,23 @@ def compute_step(layers: list, params: list, group: dict, *, guide=None, backend
         if d.owner is not None and not d.finite:  # a bias goes with its layer
             plans[d.owner].finite = False
     return GroupStep(group, rule, plans, dplans)
+
+
+def projected_s_direction(U: torch.Tensor, V: torch.Tensor, D_K: torch.Tensor, D_L: torch.Tensor) -> torch.Tensor:
+    """D_S = ½ (Uᵀ D_K + D_Lᵀ V) (r×r): the part of the K-step (W ← W - lr·D_K Vᵀ) and of the L-step
+    (W ← W - lr·U D_Lᵀ) inside span(U) ⊗ span(V), averaged. The base rule normalizes D_K and D_L per entry
+    of the m×r and n×r coordinates, so this S-step moves a singular value about √m times as fast as the
+    base rule's own S direction (normalized per entry of r×r): as fast as dense AdamW moves it."""
+    return 0.5 * (U.mT @ D_K + D_L.mT @ V)
+
+
+def s_moments(state: dict, G_S: torch.Tensor) -> Importance:
+    """The importance rule's inputs from the S-state the base rule returned this step: AdamW's moments
+    divided by their bias masses; SGD's momentum buffer (or G_S) and G_S² (SGD keeps no second moment)."""
+    if "exp_avg_sq" in state:
+        w = state["bias_mass"]
+        return Importance(state["exp_avg"] / w[0], state["exp_avg_sq"] / w[1])
+    return Importance(state.get("momentum_buffer", G_S), G_S.square())
 
 
 def apply_step(step: GroupStep) -> int:

@@ -5,6 +5,8 @@ dispatch to the pure-PyTorch reference or the fused C++/CUDA kernels (csrc/).
   implements) and the transport of optimizer state to the new bases.
 * :mod:`.linalg` -- masked CholeskyQR2 orth-complements, re-orthonormalization, a robust SVD.
 * :mod:`.rank_rule` -- how many singular values of the core to keep (:func:`tolerance_rank`).
+* :mod:`.importance` -- which singular directions to keep, by the loss's sensitivity to them
+  (:func:`importance_selection`; the default rank rule).
 * :mod:`.backends`, :mod:`.dispatch` -- which compiled backends are active; ``update_layers(items, lr, tau,
   min_rank, backend="auto")`` runs a param group's updates on them (``"auto"``: the compiled backend of each
   layer's device when active, else the reference; ``"reference"``, ``"cpu"``, ``"cuda"``).
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 from .backends import BACKENDS, NAMES, available, load_errors
 from .dispatch import FusedResult, check_backend, finite_flags, update_layers
+from .importance import RULES, Importance, importance_selection
 from .rank_rule import tolerance_rank
 from .spec import LayerResult, LayerStep, reference_update, reference_update_layers, transport_state
 
 __all__ = ["available", "update_layers", "finite_flags", "check_backend", "load_errors", "FusedResult",
            "BACKENDS", "NAMES", "tolerance_rank", "LayerStep", "LayerResult", "reference_update",
-           "reference_update_layers", "transport_state"]
+           "reference_update_layers", "transport_state", "Importance", "importance_selection", "RULES"]

@@ -54,6 +54,11 @@ def _route(item: LayerStep, backend: str):
     """Backend name for one item, or None for the reference."""
     if backend == "reference":
         return None
+    if item.importance is not None:  # the compiled modules keep a prefix of the singular directions only
+        if backend in BACKENDS:
+            raise ValueError(f"backend={backend!r} runs the 'tolerance' rank rule only; the 'importance' rule runs "
+                             "on the reference (backend='auto' or 'reference'), or pass rank_rule='tolerance'")
+        return None
     t = (item.U, item.S_decayed, item.V, item.G_K, item.G_L, item.D_K, item.D_L, item.D_S)
     dev = item.U.device
     name = "cuda" if dev.type == "cuda" else "cpu" if dev.type == "cpu" else None

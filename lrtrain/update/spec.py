@@ -16,16 +16,18 @@ For one layer with W = U S Vᵀ (U: m×r, V: n×r, S: r×r) and the base optimiz
         Ŝ = [[ decay(S) - lr·D_S ,  -lr·D_Lᵀ Q_V ],
              [ -lr·Q_Uᵀ D_K      ,  0            ]]
 
-3. Truncate: Ŝ = P Σ Qᵀ, r' = :func:`lrtrain.rank.tolerance_rank` (σ, τ, min_rank, max_rank, spare): the
+3. Truncate: Ŝ = P Σ Qᵀ, r' = :func:`lrtrain.update.tolerance_rank` (σ, τ, min_rank, max_rank, spare): the
    τ-rank plus ``spare`` further singular directions (kept with their singular values, so W loses
    less than the τ rule allows). Spare directions are the rank's room to grow: at a fixed-rank
    stationary point the coupling blocks vanish and the normal block (I - UUᵀ) G (I - VVᵀ) never enters
    Ŝ, but a spare column v_s of V makes the next step's G_K = G_W V contain G_W v_s, whose normal part
    is the normal block applied to v_s (one step of subspace iteration on it); a spare direction whose
    singular value grows past the τ rule joins the τ-rank and the next best direction becomes spare.
-   U ← Û P[:, :r'], V ← V̂ Q[:, :r'], S ← diag(σ_1..σ_r'); then one CholeskyQR pass U ← U R_u⁻¹,
+   With ``importance`` set, the kept directions J are chosen by :mod:`.importance` instead (any subset,
+   not only a prefix; J = 1..r' under the tolerance rule).
+   U ← Û P[:, J], V ← V̂ Q[:, J], S ← diag(σ_J); then one CholeskyQR pass U ← U R_u⁻¹,
    V ← V R_v⁻¹, S ← R_u S R_vᵀ (W unchanged) so that rounding never accumulates in the bases.
-4. Transport optimizer state to the new bases with R_U = P[:r, :r'] = Uᵀ U_new, R_V = Q[:r, :r']:
+4. Transport optimizer state to the new bases with R_U = P[:r, J] = Uᵀ U_new, R_V = Q[:r, J]:
    K-state X ← X R_V, L-state X ← X R_U, S-state X ← R_Uᵀ X R_V for momentum/first moments; Adam's
    second moment v (a per-coordinate variance) is carried by the squared rotation: v_K ← v_K (R_V∘R_V),
    v_L ← v_L (R_U∘R_U), v_S ← (R_U∘R_U)ᵀ v_S (R_V∘R_V), which keeps it non-negative and is exact when
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .importance import Importance, importance_selection
 from .rank_rule import tolerance_rank
 from .linalg import orth_complement, reorthonormalize, robust_svd
 
@@ -61,6 +64,7 @@ class LayerStep:
     max_rank: int
     augment: int | None = None  # at most this many new columns per side (None: r); set by a rank guide
     spare: int = 0  # singular directions kept beyond the τ-rank (see the module docstring, step 3)
+    importance: Importance | None = None  # None: the tolerance rule; else the importance rule's inputs
 
 
 # The tensor inputs of a layer's update, in the order the compiled modules take them (their LAYER_INPUTS).
@@ -111,8 +115,11 @@ def _reference_update(item: LayerStep, lr: float, tau: float, min_rank: int) -> 
     r = U.shape[1]
     Q_U, Q_V, S_hat = augmented_core(item, lr)
     P, sigma, Q = robust_svd(S_hat)
-    k = int(tolerance_rank(sigma, tau, min_rank, item.max_rank, item.spare))
-    P, sigma, Q = P[:, :k].to(U.dtype), sigma[:k].to(U.dtype), Q[:, :k].to(U.dtype)
+    if item.importance is None:
+        keep = slice(0, int(tolerance_rank(sigma, tau, min_rank, item.max_rank, item.spare)))
+    else:
+        keep = importance_selection(sigma, P, Q, item.importance, tau, min_rank, item.max_rank, item.spare)
+    P, sigma, Q = P[:, keep].to(U.dtype), sigma[keep].to(U.dtype), Q[:, keep].to(U.dtype)
     R_U, R_V = P[:r], Q[:r]
     U_new, Ru = reorthonormalize(U @ R_U + Q_U @ P[r:])
     V_new, Rv = reorthonormalize(V @ R_V + Q_V @ Q[r:])
