@@ -7,7 +7,8 @@ from lrtrain.cli.models import mlp
 from lrtrain.cli.train import evaluate, fit
 
 
-# How far below dense AdamW the start-rank runs may end (issue 17 asks 0.5 point; measured 0.27-0.57 on seeds 0-1).
+# How far below dense AdamW the start-rank runs may end: issue 17 asks 0.5 point; this test measures 0.51 (95.41 vs
+# 95.92), benchmarks/start_rank.py 0.50 and 0.46 on seeds 0 and 1 (benchmarks/results/start_rank.md).
 ACCURACY_GAP = 0.6
 
 
@@ -27,7 +28,7 @@ def test_mlp_on_mnist_matches_dense_with_80_percent_fewer_hidden_parameters(mnis
 
     torch.manual_seed(0)
     model = lrtrain.lowrank(mlp(784, [512, 512, 512], 10), rank=64)
-    opt = lrtrain.DLRT(model.parameters(), lr=1e-3, weight_decay=5e-4, tau=0.2)
+    opt = lrtrain.DLRT(model.parameters(), lr=1e-3, weight_decay=5e-4, tau=0.2, rank_rule="tolerance", s_direction="own")
     hist = fit(model, opt, mnist, epochs=5)
     acc = evaluate(model, mnist.test_x, mnist.test_y)
     print(f"dense {acc_dense:.2f}%  lrtrain {acc:.2f}%  ranks {hist.ranks[-1]}  "
