@@ -70,13 +70,17 @@ def train(model, opt, data, epochs: int, batch_size: int = 128, seed: int = 0, m
 
 
 def sweep_point(data, lam: float, epochs: int, lowrank: bool, lr: float = 0.05, tau: float = 0.05,
-                width: int = 256, depth: int = 4, rank: int = 64, rel: float = 1e-3, seed: int = 0) -> dict:
-    """Train one model at weight decay ``lam`` and measure every layer on the training set."""
+                width: int = 256, depth: int = 4, rank: int = 64, rel: float = 1e-3, seed: int = 0,
+                rule: str = "tolerance") -> dict:
+    """Train one model at weight decay ``lam`` and measure every layer on the training set. ``rule``: DLRT's rank
+    rule for a factorized run ("tolerance": at ``tau``, with DLRT-Net's S-step; "importance": DLRT's defaults);
+    ``tau`` is also the τ of the measured τ-ranks."""
     torch.manual_seed(seed)
     model = mlp(data.in_features, [width] * depth, K)
     if lowrank:
         model = lrtrain.lowrank(model, rank=rank)
-        opt = lrtrain.DLRT(model.parameters(), lr=lr, base="sgd", momentum=0.9, weight_decay=lam, tau=tau, rank_rule="tolerance", s_direction="own")
+        kw = dict(tau=tau, rank_rule="tolerance", s_direction="own") if rule == "tolerance" else {}
+        opt = lrtrain.DLRT(model.parameters(), lr=lr, base="sgd", momentum=0.9, weight_decay=lam, **kw)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=lam)
     t_opt, t_all = train(model, opt, data, epochs, seed=seed)
@@ -89,7 +93,7 @@ def sweep_point(data, lam: float, epochs: int, lowrank: bool, lr: float = 0.05, 
         layers[name] = {k: (float(t) if not isinstance(t, (int, float)) else t) for k, t in v.items() if k != "sigma"}
         layers[name]["sigma_head"] = [float(s) for s in v["sigma"][:40]]
         layers[name]["stationary_bound"] = v["within"] / lam  # ‖Δ‖₂TCV^{1/2}/(Nλ): the bound at R = 0
-    return {"lambda": lam, "lowrank": lowrank, "epochs": epochs, "lr": lr, "tau": tau,
+    return {"lambda": lam, "lowrank": lowrank, "epochs": epochs, "lr": lr, "tau": tau, "rule": rule if lowrank else None,
             "train_acc": train_acc, "test_acc": evaluate(model, data.test_x, data.test_y),
             "ranks": ranks(model) if lowrank else {}, "seconds": t_all, "opt_seconds": t_opt, "layers": layers}
 
@@ -107,7 +111,7 @@ def run_sweep(args) -> None:
     lams = [float(s) for s in args.lambdas.split(",")]
     res = {"command": " ".join(["python"] + sys.argv), "date": datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
            "machine": machine(), "rank_rule": f"numerical rank #{{j: sigma_j > {args.rel:g} sigma_1}}",
-           "tau": args.tau, "dense": [], "lowrank": []}
+           "tau": args.tau, "rule": args.rule, "dense": [], "lowrank": []}
     t0 = time.perf_counter()
     for lam in lams:
         r = sweep_point(data, lam, args.epochs, False, lr=args.lr, tau=args.tau, rel=args.rel)
@@ -116,7 +120,7 @@ def run_sweep(args) -> None:
               [v["rank_rel"] for v in r["layers"].values()], f"{time.perf_counter() - t0:.0f}s", flush=True)
     if not args.no_lowrank:
         for lam in lams:
-            r = sweep_point(data, lam, args.lowrank_epochs, True, lr=args.lr, tau=args.tau, rel=args.rel)
+            r = sweep_point(data, lam, args.lowrank_epochs, True, lr=args.lr, tau=args.tau, rel=args.rel, rule=args.rule)
             res["lowrank"].append(r)
             print(f"lowrank λ={lam:g}: train {r['train_acc']:.2f} test {r['test_acc']:.2f} ranks {r['ranks']}",
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
@@ -133,6 +137,9 @@ def sweep_markdown(res: dict) -> str:
     lines = [f"# Neural rank collapse on MNIST ({res['date']})", "",
              f"Machine: {res['machine']}. Command: `{res['command']}` ({res['seconds']:.0f} s).",
              f"Rank rule: {res['rank_rule']}; τ-rank: smallest k with tail_k(W) ≤ τ‖W‖_F, τ = {res['tau']}.",
+             "lrtrain: DLRT SGD from rank 64 with " + ("the importance rule at its default τ (`DLRT()` defaults)"
+                                                      if res.get("rule") == "importance" else
+                                                      "the tolerance rule at the same τ (rank_rule='tolerance')") + ".",
              "Per hidden layer (inputs of layer l are the outputs of layer l−1; layer 1 reads pixels). "
              "ν = TCV/(TCV+BCV) of the layer's inputs over the training set; B = (‖R‖_F + ‖Δ‖₂TCV^{1/2}/N)/λ "
              "with R the full-training-set gradient; B₀ = ‖Δ‖₂TCV^{1/2}/(Nλ) (the bound at a stationary point).", "",
@@ -361,6 +368,8 @@ def main(argv=None) -> None:
     p.add_argument("--theta", type=float, default=0.5)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--within", choices=["bound", "exact"], default="bound")
+    p.add_argument("--rule", choices=["importance", "tolerance"], default="importance",
+                   help="sweep: DLRT's rank rule for the factorized runs")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.part == "sweep":

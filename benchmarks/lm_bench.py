@@ -107,7 +107,8 @@ class Config:
     weight_decay: float = 0.1
     lr: dict = field(default_factory=lambda: {"dense": 1e-3, "galore": 8e-3, "lrtrain": 8e-3})  # best in lm_sweep.md
     rank: int = 64  # GaLore's projection rank = lrtrain's initial rank (capacity 2 x rank)
-    tau: float = 0.2  # DLRT truncation tolerance (best in lm_sweep.md)
+    rule: str = "importance"  # DLRT's rank rule; "tolerance" = the rule and S-step before issue 17
+    tau: float | None = None  # DLRT's tolerance for that rule (None: the rule's default)
     galore_gap: int = 200
     galore_scale: float = 0.25
     seed: int = 0
@@ -249,8 +250,8 @@ def build_optimizer(method: str, model, cfg: Config, lr: float, tau: float):
     if method == "lrtrain":
         import lrtrain
 
-        return lrtrain.DLRT(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, tau=tau,
-                            rank_rule="tolerance", s_direction="own")
+        before = dict(rank_rule="tolerance", s_direction="own") if cfg.rule == "tolerance" else {}
+        return lrtrain.DLRT(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, tau=tau, **before)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -612,8 +613,9 @@ def write_report(res: dict, out: Path, name: str) -> Path:
           "proj_type std), other parameters in a plain group; lrtrain: `lrtrain.lowrank(model, "
           f"rank={c['rank']}, include=[q/k/v/o_proj, gate/up/down_proj], exclude='lm_head')` (capacity "
           f"{2 * c['rank']}, embeddings and lm_head dense) then `lrtrain.DLRT(model.parameters(), lr, "
-          f"weight_decay={c['weight_decay']:g}, tau={'<per run>' if res['sweep'] else format(c['tau'], 'g')})`, "
-          "other arguments at their defaults.",
+          f"weight_decay={c['weight_decay']:g}, tau={'<per run>' if res['sweep'] else format(c['tau'], 'g')}"
+          + (", rank_rule='tolerance', s_direction='own'" if c.get("rule", "tolerance") == "tolerance" else "")
+          + ")`, other arguments at their defaults.",
           "- **peak learning rates**: " + ", ".join(f"{r['label']}" + (f" (tau {r['tau']:g})" if r['tau'] is not None else "")
                                                   + f" {r['lr']:g}" for r in runs.values())
           + (f"; chosen from the sweeps in {', '.join(f'`{x}`' for x in res['lr_note'])} (same script, smaller "
@@ -765,7 +767,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help=f"training steps (default {base.steps}; smoke {SMOKE['steps']})")
     p.add_argument("--tokens", type=int, help="token budget instead of --steps: steps = ceil(tokens / (batch x context))")
     p.add_argument("--rank", type=int, help=f"GaLore rank and lrtrain's initial rank (default {base.rank})")
-    p.add_argument("--tau", type=float, help=f"DLRT tau (default {base.tau})")
+    p.add_argument("--rule", choices=["importance", "tolerance"], help="DLRT's rank rule (default importance, "
+                   "DLRT's default; tolerance: the tolerance rule with DLRT-Net's S-step, lrtrain before issue 17)")
+    p.add_argument("--tau", type=float, help="DLRT tau (default: the rule's, 0.02 importance / 0.1 tolerance)")
     p.add_argument("--lr", type=float, help="peak learning rate for every method (overrides the per-method defaults)")
     for k in METHODS:
         p.add_argument(f"--lr-{k}", type=float, help=f"peak learning rate of {k} (default {base.lr[k]:g})")
@@ -796,6 +800,12 @@ def make_config(a) -> tuple:
             setattr(cfg, k, getattr(a, k))
     if a.weight_decay is not None:
         cfg.weight_decay = a.weight_decay
+    if a.rule is not None:
+        cfg.rule = a.rule
+    if cfg.tau is None:
+        from lrtrain.update import RULES
+
+        cfg.tau = RULES[cfg.rule]
     if a.tokens is not None:
         cfg.steps = math.ceil(a.tokens / (cfg.batch * cfg.context))
     if a.steps is not None and a.tokens is not None:
@@ -833,7 +843,7 @@ def explicit_command(res: dict) -> str:
     for k in ("hidden", "layers", "intermediate", "heads", "context", "batch", "steps", "warmup", "rank", "seed",
               "threads", "eval_points", "val_windows"):
         args += ["--" + k.replace("_", "-"), str(c[k])]
-    args += ["--weight-decay", f"{c['weight_decay']:g}"]
+    args += ["--weight-decay", f"{c['weight_decay']:g}", "--rule", c.get("rule", "tolerance")]
     lrs = {m: list(dict.fromkeys(r["lr"] for r in runs if r["method"] == m)) for m in methods}
     taus = list(dict.fromkeys(r["tau"] for r in runs if r["method"] == "lrtrain"))
     if res["sweep"]:

@@ -95,3 +95,21 @@ def test_a_fused_backend_refuses_the_importance_rule_and_changes_nothing():
     assert not opt.state and all(l.rank == 4 for l in model)
     lrtrain.DLRT(model.parameters(), backend="cpu", rank_rule="tolerance").step()  # the fused backend's rule
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sgd_moments_are_scaled_to_means():
+    """SGD keeps a momentum buffer Σ μᵏ (1 - dampening) g: the rule reads buf·(1 - μ)/(1 - dampening), a mean of g."""
+    from lrtrain.optim.functional import s_moments
+
+    g = torch.full((2, 2), 3.0)
+    state = {"momentum_buffer": torch.full((2, 2), 30.0)}  # a steady buffer of g = 3 at μ = 0.9
+    imp = s_moments(state, g, {"momentum": 0.9, "dampening": 0.0})
+    assert torch.allclose(imp.m, g) and torch.equal(imp.v, g.square())
+    imp = s_moments({"momentum_buffer": torch.full((2, 2), 15.0)}, g, {"momentum": 0.9, "dampening": 0.5})
+    assert torch.allclose(imp.m, g)
+    imp = s_moments({}, g, {"momentum": 0.0, "dampening": 0.0})
+    assert torch.equal(imp.m, g)
+    adam = {"exp_avg": torch.full((2, 2), 0.5), "exp_avg_sq": torch.full((2, 2), 0.02),
+            "bias_mass": torch.stack([torch.full((2, 2), 0.25), torch.full((2, 2), 0.01)])}
+    imp = s_moments(adam, g, {"momentum": 0.0, "dampening": 0.0})
+    assert torch.allclose(imp.m, torch.full((2, 2), 2.0)) and torch.allclose(imp.v, torch.full((2, 2), 2.0))

@@ -152,7 +152,8 @@ def compute_step(layers: list, params: list, group: dict, *, guide=None, backend
             continue
         item = LayerStep(sU.value[:, :r], S_step, sV.value[:, :r], D_K, D_L, D_K, D_L, D_S, ls.layer.max_rank,
                          spare=group["spare"],
-                         importance=s_moments(new["S"], grads[3 * j + 2]) if group["rank_rule"] == "importance" else None)
+                         importance=s_moments(new["S"], grads[3 * j + 2], group) if group["rank_rule"] == "importance"
+                         else None)
         if guide is not None:
             guide.adjust(ls.layer, item, group)
         plans.append(_LayerPlan(ls, r, item, new))
@@ -180,13 +181,16 @@ def projected_s_direction(U: torch.Tensor, V: torch.Tensor, D_K: torch.Tensor, D
     return 0.5 * (U.mT @ D_K + D_L.mT @ V)
 
 
-def s_moments(state: dict, G_S: torch.Tensor) -> Importance:
+def s_moments(state: dict, G_S: torch.Tensor, group: dict) -> Importance:
     """The importance rule's inputs from the S-state the base rule returned this step: AdamW's moments
-    divided by their bias masses; SGD's momentum buffer (or G_S) and G_S² (SGD keeps no second moment)."""
+    divided by their bias masses; for SGD (no second moment) G_S² and the momentum buffer scaled to a mean,
+    buf·(1 - μ)/(1 - dampening) (the buffer sums (1 - dampening)·g with weights μᵏ), or G_S without momentum."""
     if "exp_avg_sq" in state:
         w = state["bias_mass"]
         return Importance(state["exp_avg"] / w[0], state["exp_avg_sq"] / w[1])
-    return Importance(state.get("momentum_buffer", G_S), G_S.square())
+    if "momentum_buffer" in state and group["dampening"] < 1:
+        return Importance(state["momentum_buffer"] * ((1 - group["momentum"]) / (1 - group["dampening"])), G_S.square())
+    return Importance(G_S, G_S.square())
 
 
 def apply_step(step: GroupStep) -> int:
