@@ -154,7 +154,8 @@ def sweep_markdown(res: dict) -> str:
             lines.append(f"| {r['lambda']:g} | {acc} | {name} | {v['rank_rel']} | {v['rank_tau']} | {lrk} | "
                          f"{v['tail_K']:.3g} | {v['ntcv']:.3f} | {v['stationary_bound']:.3g} | {v['bound']:.3g} |")
     if low:
-        lines += ["", "lrtrain runs (factorized from rank 64, DLRT SGD, same λ and τ): accuracy train / test",
+        same = "same λ" + (" and τ" if res.get("rule", "tolerance") == "tolerance" else ", the rule's default τ")
+        lines += ["", f"lrtrain runs (factorized from rank 64, DLRT SGD, {same}): accuracy train / test",
                   ", ".join(f"λ={r['lambda']:g}: {r['train_acc']:.2f} / {r['test_acc']:.2f}" for r in res["lowrank"])]
     return "\n".join(lines) + "\n"
 
