@@ -45,9 +45,15 @@ def add_parser(sub) -> None:
                    help="initial rank of the factorized layers (DLRT adapts it). A layer takes min(RANK, "
                         "min(out, in)); a layer where that rank saves no parameters stays dense, and the report "
                         "says so with the rank asked for; a RANK no layer can take is refused")
-    p.add_argument("--tau", type=relative_tolerance, default=0.12,
-                   help="DLRT's relative truncation tolerance τ, in [0, 1): a step keeps the smallest rank whose "
-                        "discarded singular values have norm <= τ·||S||; 0 truncates nothing")
+    p.add_argument("--rank-rule", choices=["importance", "tolerance"], default="importance",
+                   help="DLRT's rank rule: importance (DLRT's default: keeps the directions the loss is sensitive "
+                        "to) or tolerance (the smallest rank whose discarded singular values have norm <= τ·||S||)")
+    p.add_argument("--s-direction", choices=["projected", "own"], default="projected",
+                   help="DLRT's S-step: projected (the default: the K- and L-steps' part in the current bases) or own "
+                        "(from S's own gradient, DLRT-Net's)")
+    p.add_argument("--tau", type=relative_tolerance, default=None,
+                   help="the rank rule's relative tolerance τ, in [0, 1); default: the rule's (0.02 importance, "
+                        "0.1 tolerance); 0 truncates nothing")
     p.add_argument("--seed", type=nonneg_int, default=0,
                    help="seed of the initial weights and of the batch order (the run is deterministic)")
     p.add_argument("--out", default="lrtrain_out/demo", type=output_dir,
@@ -102,8 +108,8 @@ def run(args) -> int:
                   eval_each_epoch=True)
 
     active = [report.params_active]  # before the first step, then after each
-    opt = DLRT(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, tau=args.tau, rank_rule="tolerance",
-               s_direction="own")
+    opt = DLRT(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, tau=args.tau, rank_rule=args.rank_rule,
+               s_direction=args.s_direction)
     h_lr = fit(model, opt, data, args.epochs, args.batch_size, args.seed, _progress(not args.no_progress, "lrtrain"),
                on_step=lambda m, *_: active.append(active_parameters(m)), eval_each_epoch=True)
     final = h_lr.ranks[-1]
