@@ -96,10 +96,10 @@ def _global_mean(loss: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- 1. DDP
-def _ddp_worker(rank, X, Y, steps):
+def _ddp_worker(rank, X, Y, steps, hp=HP):
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model)  # default arguments
-    opt = lrtrain.DLRT(ddp.parameters(), **HP)  # backend="auto": the fused CPU kernels where built
+    opt = lrtrain.DLRT(ddp.parameters(), **hp)  # backend="auto": the fused CPU kernels where built
     out = dict(loss=[], ranks=[[l.rank for l in _layers(model)]], params=[], data=[])
     for idx in _batches(len(X), steps):
         mine = idx.chunk(WORLD)[rank]
@@ -221,6 +221,22 @@ def _global_poison(poison, shapes):
     """Rank 1's local indices -> global indices (Shard(0): rank 1's rows start at ceil(rows / WORLD))."""
     return {t: [(n, (i + -(-shapes[n][0] // WORLD),) + tuple(rest)) for n, (i, *rest) in lst]
             for t, lst in poison.items()}
+
+
+def test_ddp_with_the_default_importance_rule_decides_alike_everywhere(digits):
+    """The importance rule (non-prefix selections from moments of all-reduced gradients): replicas
+    bitwise identical after every step, with the ranks and the parameters of one process on the global batches."""
+    X, Y = _data(digits)
+    steps, hp = 20, dict(lr=0.03, tau=0.3)  # the importance rule at a coarse tolerance: the ranks fall
+    r0, r1 = _spawn(_ddp_worker, X, Y, steps, hp)
+    ref = _reference(X, Y, steps, **hp)
+    for t in range(steps):
+        assert torch.equal(r0["params"][t], r1["params"][t]), f"replicas differ after step {t + 1}"
+    assert r0["ranks"] == r1["ranks"] == ref["ranks"]
+    assert torch.equal(r0["state"], r1["state"])
+    assert min(_rank_changes(r0["ranks"])) >= 1, r0["ranks"]
+    dp = max((a - b).abs().max().item() for a, b in zip(r0["params"], ref["params"]))
+    assert dp <= 1e-8, dp
 
 
 @pytest.mark.parametrize("hp", [dict(HP, weight_decay=0.01),
