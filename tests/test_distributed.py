@@ -223,7 +223,7 @@ def _global_poison(poison, shapes):
             for t, lst in poison.items()}
 
 
-def test_ddp_with_the_default_importance_rule_decides_alike_everywhere(digits):
+def test_ddp_with_the_importance_rule_decides_alike_everywhere(digits):
     """The importance rule (non-prefix selections from moments of all-reduced gradients): replicas
     bitwise identical after every step, with the ranks and the parameters of one process on the global batches."""
     X, Y = _data(digits)
