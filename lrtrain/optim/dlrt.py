@@ -3,9 +3,10 @@
 Each step, for every factorized layer in the parameter list (found through the layers, see
 :mod:`.params`), the base rule (SGD or AdamW, :mod:`.base`) gives directions D_K, D_L, D_S in the
 coordinates K = U S, L = V Sᵀ and S at the layer's active rank r. Every ``refresh``-th step of a layer
-is a *basis update* (:mod:`.step`): it augments the bases with the directions the optimizer steps,
-projects the step onto them, truncates by the τ rule (plus ``spare`` directions of room to grow) to a
-new rank k ≤ max_rank ≤ capacity, and rotates the optimizer state. The steps in between are
+is a *basis update* (:mod:`lrtrain.update.spec`): it augments the bases with the directions the optimizer
+steps, projects the step onto them, keeps the singular directions the rank rule chooses (``rank_rule``: by the
+loss's sensitivity to them, :mod:`lrtrain.update.importance`, or by the τ rule plus ``spare`` directions of room
+to grow) at a new rank k ≤ max_rank ≤ capacity, and rotates the optimizer state. The steps in between are
 *fixed-basis* steps: S ← decay(S) - lr·D_S with U and V unchanged, while D_K and D_L are summed
 (``deferred``) and enter the next basis update as its K- and L-steps (at that step's learning rate):
 
