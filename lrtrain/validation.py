@@ -17,7 +17,7 @@ __all__ = ["real", "integer", "flag", "tolerance", "dlrt_group", "dlrt_state", "
 
 # The hyperparameters of a DLRT param group (its constructor's per-group arguments).
 DLRT_HYPERPARAMETERS = ("lr", "base", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay", "tau",
-                        "min_rank", "spare", "refresh", "rank_rule", "s_direction")
+                        "min_rank", "spare", "refresh", "rank_rule", "s_direction", "budget")
 # The values of the string-valued hyperparameters.
 RANK_RULES = ("importance", "tolerance")
 S_DIRECTIONS = ("projected", "own")
@@ -89,6 +89,13 @@ def dlrt_group(g: dict, bases) -> None:
         if not isinstance(g[key], str) or g[key] not in fine:
             exc = ValueError if isinstance(g[key], str) else TypeError
             raise exc(f"{key} must be one of {list(fine)}, got {g[key]!r}")
+    if g["budget"] is not None:
+        b = real("budget", g["budget"], 0.0, 1.0)
+        if b == 0:
+            raise ValueError("budget must be None or in (0, 1] (a fraction of the dense parameters), got 0")
+        if g["rank_rule"] != "importance":
+            raise ValueError(f"budget needs rank_rule='importance' (its scores allocate the ranks), got "
+                             f"rank_rule={g['rank_rule']!r}")
     for key in ("lr", "tau", "weight_decay", "eps"):
         real(key, g[key], 0.0)
     mu = real("momentum", g["momentum"], 0.0, 1.0, hi_open=True)

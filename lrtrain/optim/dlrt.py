@@ -69,6 +69,9 @@ class DLRT(Optimizer):
         s_direction: the S-block step of a basis update: ``"projected"`` (default) ½(Uᵀ D_K + D_Lᵀ V),
             the K- and L-steps' part inside the current bases, which moves singular values as fast as dense
             AdamW does; ``"own"``: the base rule's direction from S's own gradient (DLRT-Net's S-step).
+        budget: None, or b in (0, 1]: the group's factorized layers keep at most b·Σ m·n active parameters
+            (Σ r(m+n)+r²) from the first step on, their ranks allocated jointly by importance per parameter
+            (:mod:`lrtrain.update.budget`; needs ``rank_rule="importance"``; min_rank wins over it).
         min_rank: smallest rank a layer may truncate to (>= 1).
         spare: singular directions kept beyond the τ-rank at each basis update (>= 0; default 1): the
             rank's room to grow (see :mod:`lrtrain.update.spec`); the importance rule's reservoir holds at
@@ -90,7 +93,7 @@ class DLRT(Optimizer):
                  dampening: float = 0.0, nesterov: bool = False, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, tau: float | None = None, min_rank: int = 1, spare: int = 1,
                  refresh: int = DEFAULT_REFRESH, rank_rule: str = "importance", s_direction: str = "projected",
-                 nonfinite: str = "skip", guide=None, backend: str = "auto"):
+                 budget: float | None = None, nonfinite: str = "skip", guide=None, backend: str = "auto"):
         if not isinstance(nonfinite, str) or nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if guide is not None and not callable(getattr(guide, "adjust", None)):
@@ -104,7 +107,7 @@ class DLRT(Optimizer):
             tau = RULES.get(rank_rule, 0.0)  # an unknown rule is refused by the validation below
         defaults = dict(lr=lr, base=base, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         betas=betas, eps=eps, weight_decay=weight_decay, tau=tau, min_rank=min_rank, spare=spare,
-                        refresh=refresh, rank_rule=rank_rule, s_direction=s_direction)
+                        refresh=refresh, rank_rule=rank_rule, s_direction=s_direction, budget=budget)
         validation.dlrt_group(defaults, BASES)  # every argument checked before torch sees the params
         super().__init__(params, defaults)
         self._check_factors()

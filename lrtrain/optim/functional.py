@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..update import Importance, LayerResult, LayerStep, finite_flags, transport_state, update_layers
+from ..update.budget import layer_parameters
 from .base import make_rule
 from .params import Slot, is_dtensor
 
@@ -158,7 +159,13 @@ def compute_step(layers: list, params: list, group: dict, *, guide=None, backend
             guide.adjust(ls.layer, item, group)
         plans.append(_LayerPlan(ls, r, item, new))
         items.append(item)
-    updated = iter(update_layers(items, lr, group["tau"], group["min_rank"], backend=backend) if items else [])
+    budget = None
+    if group["budget"] is not None and items:  # the group's layers share b·Σ mn, less what the others hold now
+        held = sum(layer_parameters(p.slots.U.value.shape[0], p.slots.V.value.shape[0], p.rank)
+                   for p in plans if not isinstance(p.result, LayerStep))
+        budget = int(group["budget"] * sum(ls.U.value.shape[0] * ls.V.value.shape[0] for ls in layers)) - held
+    updated = iter(update_layers(items, lr, group["tau"], group["min_rank"], backend=backend, budget=budget)
+                   if items else [])
     for plan in plans:
         if isinstance(plan.result, LayerStep):
             plan.result = next(updated)

@@ -24,6 +24,7 @@ import torch
 
 from .backends import BACKENDS, NAMES, UpdateArgs, available, load_errors, module, native_args
 from .constants import AUGMENT_ALL
+from .budget import budget_update_layers
 from .spec import LAYER_INPUTS, LayerResult, LayerStep, reference_update
 
 __all__ = ["FusedResult", "update_layers", "run_group", "launch_group", "finish_group", "finite_flags", "check_backend",
@@ -162,13 +163,22 @@ def run_group(name: str, group: list[LayerStep], lr: float, tau: float, min_rank
     return finish_group(group, outs, info[:L], info[L:], lr, tau, min_rank)
 
 
-def update_layers(items: list[LayerStep], lr: float, tau: float, min_rank: int, backend: str = "auto") -> list[LayerResult]:
+def update_layers(items: list[LayerStep], lr: float, tau: float, min_rank: int, backend: str = "auto",
+                  budget: int | None = None) -> list[LayerResult]:
     """One param group's layer updates; ``backend`` is 'auto', 'reference', 'cpu' or 'cuda'.
 
     Every fused group is launched first; then the ranks and statuses of all groups of a device come to the
     host in one copy (the step's only synchronization there), and each layer's results are cut to its rank.
+    ``budget`` (active parameters, with the importance rule): the layers' ranks are allocated jointly
+    (:mod:`.budget`, on the reference).
     """
     check_backend(backend)
+    if budget is not None:
+        for item in items:
+            if item.importance is None:
+                raise ValueError("a parameter budget needs the importance rule's scores (rank_rule='importance')")
+            _route(item, backend)  # an explicitly fused backend refuses
+        return budget_update_layers(items, lr, tau, min_rank, budget)
     results: list = [None] * len(items)
     groups: dict = {}
     for i, item in enumerate(items):

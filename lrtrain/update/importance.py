@@ -34,7 +34,7 @@ import torch
 
 from .rank_rule import tolerance_rank
 
-__all__ = ["Importance", "importance_selection", "RULES"]
+__all__ = ["Importance", "importance_selection", "ranked_directions", "limited", "RULES"]
 
 # Rank rules a DLRT param group may name (``rank_rule``), with the default tolerance τ of each.
 RULES = {"importance": 0.02, "tolerance": 0.1}
@@ -51,9 +51,10 @@ class Importance:
     reservoir: float = 1.0
 
 
-def importance_selection(sigma: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, imp: Importance, tau: float,
-                         min_rank: int, max_rank: int, spare: int = 0, eps: float = 1e-8) -> torch.Tensor:
-    """Indices of the directions kept (int64, ascending: largest σ first).
+def ranked_directions(sigma: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, imp: Importance, tau: float,
+                      spare: int = 0, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The directions the rule keeps before the rank limits, in priority order (important by score, pushed by σ,
+    reservoir by σ: int64 indices), and every direction's importance score s (p,).
 
     sigma: (p,) descending; P: ((r+a)×p), Q: ((r+b)×p) the core's singular vectors; imp.m, imp.v: r×r."""
     r = imp.m.shape[0]
@@ -69,16 +70,27 @@ def importance_selection(sigma: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, 
     chosen = torch.zeros(p, dtype=torch.bool, device=sigma.device)
     chosen[order[:k_imp]] = True
     pushed = usable & ~chosen & (-m / (v.sqrt() + eps) > imp.push)
-    # priority: important (by score), pushed (by σ), reservoir (by σ); then min_rank by σ
-    ranked = [order[:k_imp], torch.nonzero(pushed).flatten()]
     n = k_imp + int(pushed.sum())
     rest = torch.nonzero(usable & ~chosen & ~pushed).flatten()
     n_res = max(int(spare), math.ceil(imp.reservoir * n))
-    ranked.append(rest[:n_res])
+    return torch.cat([order[:k_imp], torch.nonzero(pushed).flatten(), rest[:n_res]]), score
+
+
+def limited(ranked: torch.Tensor, p: int, min_rank: int, max_rank: int) -> torch.Tensor:
+    """The first max_rank of ``ranked`` (indices into p directions), filled to min_rank with the remaining
+    directions by σ (ascending index); returned sorted (largest σ first)."""
     hi = min(int(max_rank), p)
-    keep = torch.cat(ranked)[:hi]
+    keep = ranked[:hi]
     if keep.numel() < min(min_rank, hi):
-        free = torch.ones(p, dtype=torch.bool, device=sigma.device)
+        free = torch.ones(p, dtype=torch.bool, device=ranked.device)
         free[keep] = False
         keep = torch.cat([keep, torch.nonzero(free).flatten()[:min(min_rank, hi) - keep.numel()]])
     return torch.sort(keep).values
+
+
+def importance_selection(sigma: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, imp: Importance, tau: float,
+                         min_rank: int, max_rank: int, spare: int = 0, eps: float = 1e-8) -> torch.Tensor:
+    """Indices of the directions kept (int64, ascending: largest σ first): :func:`ranked_directions` within
+    [min_rank, max_rank]."""
+    ranked, _ = ranked_directions(sigma, P, Q, imp, tau, spare, eps)
+    return limited(ranked, sigma.shape[0], min_rank, max_rank)

@@ -44,8 +44,8 @@ from .importance import Importance, importance_selection
 from .rank_rule import tolerance_rank
 from .linalg import orth_complement, reorthonormalize, robust_svd
 
-__all__ = ["LayerStep", "LAYER_INPUTS", "LayerResult", "augmented_core", "reference_update", "reference_update_layers",
-           "transport_state"]
+__all__ = ["LayerStep", "LAYER_INPUTS", "LayerResult", "augmented_core", "core_svd", "finish_update", "reference_update",
+           "reference_update_layers", "transport_state", "failed_update"]
 
 
 @dataclass
@@ -103,22 +103,40 @@ def reference_update(item: LayerStep, lr: float, tau: float, min_rank: int) -> L
     try:
         return _reference_update(item, lr, tau, min_rank)
     except torch.linalg.LinAlgError:
-        nan = float("nan")
-        U, V = item.U, item.V
-        r = U.shape[1]
-        return LayerResult(torch.full_like(U, nan), U.new_full((r, r), nan), torch.full_like(V, nan),
-                           U.new_full((r, r), nan), U.new_full((r, r), nan))
+        return failed_update(item)
+
+
+def failed_update(item: LayerStep) -> LayerResult:
+    """NaN factors at the layer's rank r: an update that could not be computed (skipped and counted by callers)."""
+    nan = float("nan")
+    U, V = item.U, item.V
+    r = U.shape[1]
+    return LayerResult(torch.full_like(U, nan), U.new_full((r, r), nan), torch.full_like(V, nan),
+                       U.new_full((r, r), nan), U.new_full((r, r), nan))
 
 
 def _reference_update(item: LayerStep, lr: float, tau: float, min_rank: int) -> LayerResult:
-    U, V = item.U, item.V
-    r = U.shape[1]
-    Q_U, Q_V, S_hat = augmented_core(item, lr)
-    P, sigma, Q = robust_svd(S_hat)
+    core = core_svd(item, lr)
+    Q_U, Q_V, P, sigma, Q = core
     if item.importance is None:
         keep = slice(0, int(tolerance_rank(sigma, tau, min_rank, item.max_rank, item.spare)))
     else:
         keep = importance_selection(sigma, P, Q, item.importance, tau, min_rank, item.max_rank, item.spare)
+    return finish_update(item, core, keep)
+
+
+def core_svd(item: LayerStep, lr: float) -> tuple:
+    """Steps 1-3 up to the choice of directions: (Q_U, Q_V, P, σ, Q) with Ŝ = P diag(σ) Qᵀ (σ descending)."""
+    Q_U, Q_V, S_hat = augmented_core(item, lr)
+    return (Q_U, Q_V, *robust_svd(S_hat))
+
+
+def finish_update(item: LayerStep, core: tuple, keep) -> LayerResult:
+    """Step 3 from :func:`core_svd`'s output with the kept directions ``keep`` (indices or a slice of the core's
+    singular triplets): the new factors and the rotations."""
+    U, V = item.U, item.V
+    r = U.shape[1]
+    Q_U, Q_V, P, sigma, Q = core
     P, sigma, Q = P[:, keep].to(U.dtype), sigma[keep].to(U.dtype), Q[:, keep].to(U.dtype)
     R_U, R_V = P[:r], Q[:r]
     U_new, Ru = reorthonormalize(U @ R_U + Q_U @ P[r:])
