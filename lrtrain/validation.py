@@ -82,10 +82,7 @@ def dlrt_group(g: dict, bases) -> None:
         if key in g and not any(g[key] is v for v in fine):
             raise ValueError(f"{key}={g[key]!r}: DLRT does not implement {key} (allowed: "
                              f"{' or '.join(map(repr, fine))}); remove the key")
-    if not isinstance(g["base"], str) or g["base"] not in bases:
-        exc = ValueError if isinstance(g["base"], str) else TypeError
-        raise exc(f"base must be one of {sorted(bases)}, got {g['base']!r}")
-    for key, fine in (("rank_rule", RANK_RULES), ("s_direction", S_DIRECTIONS)):
+    for key, fine in (("base", sorted(bases)), ("rank_rule", RANK_RULES), ("s_direction", S_DIRECTIONS)):
         if not isinstance(g[key], str) or g[key] not in fine:
             exc = ValueError if isinstance(g[key], str) else TypeError
             raise exc(f"{key} must be one of {list(fine)}, got {g[key]!r}")

@@ -70,8 +70,9 @@ class DLRT(Optimizer):
             the K- and L-steps' part inside the current bases, which moves singular values as fast as dense
             AdamW does; ``"own"``: the base rule's direction from S's own gradient (DLRT-Net's S-step).
         budget: None, or b in (0, 1]: the group's factorized layers keep at most b·Σ m·n active parameters
-            (Σ r(m+n)+r²) from the first step on, their ranks allocated jointly by importance per parameter
-            (:mod:`lrtrain.update.budget`; needs ``rank_rule="importance"``; min_rank wins over it).
+            (Σ r(m+n)+r²) from the first step on, their ranks allocated jointly so that the layers leave out
+            about equal shares of their importance (:mod:`lrtrain.update.budget`; needs
+            ``rank_rule="importance"``; min_rank wins over it).
         min_rank: smallest rank a layer may truncate to (>= 1).
         spare: singular directions kept beyond the τ-rank at each basis update (>= 0; default 1): the
             rank's room to grow (see :mod:`lrtrain.update.spec`); the importance rule's reservoir holds at
